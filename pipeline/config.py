@@ -1,0 +1,91 @@
+"""Validated configuration for each stage: one dataclass per stage, checked in one place.
+
+The CLI builds these from its options; library code only ever receives a validated config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the option."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of `talon extract` (field docs are the CLI help)."""
+
+    out: Path
+    target: str = "smollm2"
+    data: str = "sharegpt"
+    max_samples: int | None = None
+    max_length: int = 2048
+    top_k: int = 64
+    layers: tuple[int, ...] | None = None
+    batch_tokens: int = 8192
+    part_tokens: int = 65536
+    device: str = "auto"
+    skip_bad_records: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.max_samples is None or self.max_samples > 0, "--max-samples must be positive")
+        _require(self.max_length >= 2, "--max-length must be at least 2")
+        _require(1 <= self.top_k <= 65536, "--top-k must be between 1 and 65536")
+        _require(self.batch_tokens >= self.max_length, f"--batch-tokens ({self.batch_tokens}) must be at least --max-length ({self.max_length}) so every sample fits a batch")
+        _require(self.part_tokens >= 1, "--part-tokens must be positive")
+        _require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
+        _require(self.layers is None or len(self.layers) == 3, "--layers needs exactly three comma-separated ids")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of `talon train` (field docs are the CLI help)."""
+
+    cache: Path
+    out: Path
+    target: str | None = None
+    ttt_steps: int = 7
+    draft_vocab: int = 32000
+    max_steps: int | None = None
+    epochs: float = 1.0
+    lr: float = 3e-4
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    batch_tokens: int = 8192
+    max_length: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.ttt_steps <= 32, "--ttt-steps must be between 1 and 32")
+        _require(self.draft_vocab >= 2, "--draft-vocab must be at least 2")
+        _require(self.max_steps is None or self.max_steps > 0, "--max-steps must be positive")
+        _require(self.epochs > 0, "--epochs must be positive")
+        _require(self.lr > 0, "--lr must be positive")
+        _require(0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)")
+        _require(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
+        _require(self.grad_clip > 0, "--grad-clip must be positive")
+        _require(self.batch_tokens >= 2, "--batch-tokens must be at least 2")
+        _require(self.max_length is None or self.max_length >= 2, "--max-length must be at least 2")
+        _require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
+        _require(self.log_every >= 1, "--log-every must be positive")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    data = asdict(config)
+    return {f.name: (str(data[f.name]) if isinstance(data[f.name], Path) else data[f.name]) for f in fields(config)}

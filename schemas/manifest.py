@@ -1,0 +1,338 @@
+"""Manifests of a feature cache: what was extracted, from which target, and what is sealed.
+
+Three kinds of record, all plain JSON written atomically (see :mod:`schemas.jsonio`):
+
+* :class:`ExtractSpec` (``extract.json``) is written before the first part.  A resumed run must
+  present the same spec, so a cache can never mix features from two targets or two settings.
+* :class:`PartSeal` (``parts/part-NNNNNN.json``) is written after its Zarr group is complete.  A
+  part without a seal does not exist as far as every reader is concerned.
+* :class:`CacheManifest` (``manifest.json``) is written last.  A cache without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from schemas.jsonio import read_json, write_json_atomic
+from schemas.layout import (
+    EXTRACT_SPEC_FILE,
+    LAYER_CONVENTION,
+    MANIFEST_FILE,
+    PARTS_DIR,
+    SCHEMA_VERSION,
+)
+
+# The target-config fields that define the feature space a draft is trained in.
+IDENTITY_CONFIG_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "rms_norm_eps",
+    "rope_parameters",
+    "rope_theta",
+    "rope_scaling",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+)
+
+# Fields of TargetIdentity compared when a cache, a target and a draft must agree, in the order
+# they are reported.  `source` is deliberately absent: the same model may live at two paths.
+MATCH_FIELDS = (
+    "hidden_size",
+    "vocab_size",
+    "num_hidden_layers",
+    "config_hash",
+    "tokenizer_hash",
+    "chat_template_hash",
+    "weights_fingerprint",
+)
+
+
+class CacheError(RuntimeError):
+    """A cache is missing, incomplete, damaged, or does not belong to the requested target."""
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 over the identity fields of a target config, canonical JSON, stable across runs."""
+    picked = {key: config.get(key) for key in IDENTITY_CONFIG_FIELDS}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TargetIdentity:
+    """Who the features came from.  ``config`` is the full HF config, so training can build the
+    draft without loading the target."""
+
+    source: str
+    hidden_size: int
+    vocab_size: int
+    num_hidden_layers: int
+    config_hash: str
+    tokenizer_hash: str
+    chat_template_hash: str
+    weights_fingerprint: str
+    config: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TargetIdentity":
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+
+    def mismatches(self, other: "TargetIdentity") -> list[str]:
+        """Human-readable lines for every identity field that differs (empty when they match)."""
+        lines = []
+        for key in MATCH_FIELDS:
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if mine != theirs:
+                lines.append(f"{key}: cache has {mine!r}, target has {theirs!r}")
+        return lines
+
+
+def require_same_target(cache_target: TargetIdentity, other: TargetIdentity, *, where: str) -> None:
+    """Raise :class:`CacheError` naming every differing field if ``other`` is not the cache's target."""
+    diffs = cache_target.mismatches(other)
+    if diffs:
+        raise CacheError(
+            f"{where} was extracted from a different target than {other.source!r}:\n  "
+            + "\n  ".join(diffs)
+            + "\nRe-extract the cache with this target, or train with the target it was made from "
+            f"({cache_target.source!r})."
+        )
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything about an extraction run that changes the bytes written."""
+
+    data: str
+    max_length: int
+    top_k: int
+    layer_ids: tuple[int, ...]
+    max_samples: int | None
+    part_tokens: int
+    batch_tokens: int
+    skip_bad_records: bool
+    compute_dtype: str
+    device_type: str
+    feature_dtype: str = "bf16"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layer_ids"] = list(self.layer_ids)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExtractSettings":
+        values = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
+        values["layer_ids"] = tuple(values["layer_ids"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ExtractSpec:
+    schema_version: int
+    target: TargetIdentity
+    settings: ExtractSettings
+    layer_convention: str = LAYER_CONVENTION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "target": self.target.to_dict(),
+            "settings": self.settings.to_dict(),
+            "layer_convention": self.layer_convention,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExtractSpec":
+        return cls(
+            schema_version=int(data["schema_version"]),
+            target=TargetIdentity.from_dict(data["target"]),
+            settings=ExtractSettings.from_dict(data["settings"]),
+            layer_convention=data.get("layer_convention", LAYER_CONVENTION),
+        )
+
+    def differences(self, other: "ExtractSpec") -> list[str]:
+        lines = [f"target {line}" for line in self.target.mismatches(other.target)]
+        mine, theirs = self.settings.to_dict(), other.settings.to_dict()
+        lines += [
+            f"{key}: existing {mine[key]!r}, requested {theirs[key]!r}"
+            for key in mine
+            if mine[key] != theirs.get(key)
+        ]
+        return lines
+
+
+@dataclass(frozen=True)
+class ArrayRecord:
+    shape: tuple[int, ...]
+    crc32: int
+    stored_bytes: int
+
+
+@dataclass(frozen=True)
+class PartSeal:
+    """The seal of one part: written only after every array of the part is on disk."""
+
+    index: int
+    name: str
+    n_samples: int
+    n_tokens: int
+    n_assistant_tokens: int
+    first_record: int
+    last_record: int
+    records_consumed: int
+    dropped: dict[str, int]
+    nonfinite_records: tuple[int, ...]
+    source_stats: dict[str, int]
+    arrays: dict[str, ArrayRecord]
+    assistant_token_counts: dict[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["nonfinite_records"] = list(self.nonfinite_records)
+        data["arrays"] = {k: {**asdict(v), "shape": list(v.shape)} for k, v in self.arrays.items()}
+        data["assistant_token_counts"] = {str(k): v for k, v in self.assistant_token_counts.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PartSeal":
+        values = dict(data)
+        values["nonfinite_records"] = tuple(data["nonfinite_records"])
+        values["arrays"] = {
+            k: ArrayRecord(shape=tuple(v["shape"]), crc32=int(v["crc32"]), stored_bytes=int(v["stored_bytes"]))
+            for k, v in data["arrays"].items()
+        }
+        values["assistant_token_counts"] = {int(k): int(v) for k, v in data["assistant_token_counts"].items()}
+        return cls(**values)
+
+
+def seal_path(cache_dir: Path, name: str) -> Path:
+    return Path(cache_dir) / PARTS_DIR / f"{name}.json"
+
+
+def group_path(cache_dir: Path, name: str) -> Path:
+    return Path(cache_dir) / PARTS_DIR / f"{name}.zarr"
+
+
+def write_seal(cache_dir: Path, seal: PartSeal) -> None:
+    write_json_atomic(seal_path(cache_dir, seal.name), seal.to_dict())
+
+
+def read_sealed_parts(cache_dir: Path) -> list[PartSeal]:
+    """Every sealed part, in index order.  Refuses gaps: parts are sealed strictly in order."""
+    seals = sorted(Path(cache_dir, PARTS_DIR).glob("part-*.json"))
+    parts = [PartSeal.from_dict(read_json(path)) for path in seals]
+    for expected, part in enumerate(parts):
+        if part.index != expected:
+            raise CacheError(f"{cache_dir}: part {expected} is missing its seal but {part.name} has one")
+    return parts
+
+
+@dataclass(frozen=True)
+class CacheManifest:
+    """The cache-level manifest: written last, so its presence means the cache is complete."""
+
+    schema_version: int
+    target: TargetIdentity
+    settings: ExtractSettings
+    layer_convention: str
+    parts: tuple[dict[str, Any], ...]
+    n_samples: int
+    n_tokens: int
+    n_assistant_tokens: int
+    stored_bytes: int
+    source_stats: dict[str, int]
+    dropped: dict[str, int]
+    nonfinite_records: tuple[int, ...]
+    assistant_token_counts: dict[int, int]
+    arrays: dict[str, dict[str, str]]
+    talon_version: str = "0.1.0"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["target"] = self.target.to_dict()
+        data["settings"] = self.settings.to_dict()
+        data["parts"] = list(self.parts)
+        data["nonfinite_records"] = list(self.nonfinite_records)
+        data["assistant_token_counts"] = {str(k): v for k, v in self.assistant_token_counts.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CacheManifest":
+        values = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
+        values["target"] = TargetIdentity.from_dict(data["target"])
+        values["settings"] = ExtractSettings.from_dict(data["settings"])
+        values["parts"] = tuple(data["parts"])
+        values["nonfinite_records"] = tuple(data["nonfinite_records"])
+        values["assistant_token_counts"] = {int(k): int(v) for k, v in data["assistant_token_counts"].items()}
+        return cls(**values)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.stored_bytes / max(self.n_tokens, 1)
+
+
+def build_manifest(spec: ExtractSpec, seals: list[PartSeal], arrays: dict[str, dict[str, str]]) -> CacheManifest:
+    counts: dict[int, int] = {}
+    dropped: dict[str, int] = {}
+    nonfinite: list[int] = []
+    for seal in seals:
+        for token, count in seal.assistant_token_counts.items():
+            counts[token] = counts.get(token, 0) + count
+        for reason, count in seal.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + count
+        nonfinite.extend(seal.nonfinite_records)
+    return CacheManifest(
+        schema_version=spec.schema_version,
+        target=spec.target,
+        settings=spec.settings,
+        layer_convention=spec.layer_convention,
+        parts=tuple(
+            {"name": s.name, "n_samples": s.n_samples, "n_tokens": s.n_tokens} for s in seals
+        ),
+        n_samples=sum(s.n_samples for s in seals),
+        n_tokens=sum(s.n_tokens for s in seals),
+        n_assistant_tokens=sum(s.n_assistant_tokens for s in seals),
+        stored_bytes=sum(a.stored_bytes for s in seals for a in s.arrays.values()),
+        source_stats=dict(seals[-1].source_stats) if seals else {},
+        dropped=dropped,
+        nonfinite_records=tuple(nonfinite),
+        assistant_token_counts=dict(sorted(counts.items())),
+        arrays=arrays,
+    )
+
+
+def write_manifest(cache_dir: Path, manifest: CacheManifest) -> None:
+    write_json_atomic(Path(cache_dir) / MANIFEST_FILE, manifest.to_dict())
+
+
+def read_manifest(cache_dir: str | Path) -> CacheManifest:
+    """Open a complete cache's manifest, or explain exactly why it cannot be used."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise CacheError(f"no feature cache at {cache_dir}: the directory does not exist")
+    path = cache_dir / MANIFEST_FILE
+    if not path.is_file():
+        if (cache_dir / EXTRACT_SPEC_FILE).is_file():
+            raise CacheError(
+                f"{cache_dir} is an incomplete cache (no {MANIFEST_FILE}): its extraction was interrupted. "
+                "Rerun the same `talon extract` command to resume it."
+            )
+        raise CacheError(f"{cache_dir} is not a Talon feature cache (no {MANIFEST_FILE})")
+    data = read_json(path)
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CacheError(f"{path}: schema version {version!r}, this Talon reads version {SCHEMA_VERSION}")
+    return CacheManifest.from_dict(data)

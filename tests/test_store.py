@@ -1,0 +1,100 @@
+"""The Zarr part store: bit-exact round trips, sealing, and readable errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from schemas.layout import SCHEMA_VERSION
+from schemas.manifest import (
+    CacheError,
+    ExtractSettings,
+    ExtractSpec,
+    TargetIdentity,
+    build_manifest,
+    read_manifest,
+    write_manifest,
+)
+from schemas.store import CacheReader, crc32_of, write_part_group
+from stage_extract.writer import PartBuilder, SampleFeatures
+
+
+def _identity(**overrides) -> TargetIdentity:
+    values = dict(source="t", hidden_size=4, vocab_size=70000, num_hidden_layers=8, config_hash="c",
+                  tokenizer_hash="tok", chat_template_hash="tpl", weights_fingerprint="w")
+    values.update(overrides)
+    return TargetIdentity(**values)
+
+
+def _settings() -> ExtractSettings:
+    return ExtractSettings(data="d", max_length=64, top_k=3, layer_ids=(1, 3, 4), max_samples=None,
+                           part_tokens=100, batch_tokens=256, skip_bad_records=False,
+                           compute_dtype="float32", device_type="cpu")
+
+
+def _random_samples(rng, n: int, vocab: int) -> list[SampleFeatures]:
+    samples = []
+    for record in range(n):
+        length = int(rng.integers(1, 40))
+        samples.append(SampleFeatures(
+            record_index=record * 2,
+            input_ids=rng.integers(0, vocab, length),
+            loss_mask=rng.integers(0, 2, length).astype(np.uint8),
+            # every uint16 bit pattern, NaN payloads included, must survive untouched
+            aux_hidden=rng.integers(0, 1 << 16, (length, 12)).astype(np.uint16),
+            topk_ids=rng.integers(0, vocab, (length, 3)),
+            topk_logprobs=-rng.random((length, 3), dtype=np.float32) * 20,
+        ))
+    return samples
+
+
+@pytest.mark.parametrize("vocab", [300, 70000])  # uint16 and uint32 token ids
+def test_part_round_trip_is_bit_exact(tmp_path, vocab):
+    rng = np.random.default_rng(0)
+    builder = PartBuilder(index=0, first_record=0)
+    builder.samples = _random_samples(rng, 7, vocab)
+    arrays = builder.arrays()
+    records = write_part_group(tmp_path, "part-000000", arrays, vocab)
+    seal = builder.seal(arrays, records, {"records_read": 7})
+    from schemas.manifest import write_seal
+
+    write_seal(tmp_path, seal)
+    spec = ExtractSpec(SCHEMA_VERSION, _identity(vocab_size=vocab), _settings())
+    write_manifest(tmp_path, build_manifest(spec, [seal], {}))
+
+    reader = CacheReader(tmp_path)
+    assert len(reader) == 7
+    for i, sample in enumerate(builder.samples):
+        got = reader.read_sample(i)
+        assert np.array_equal(got["input_ids"].astype(np.int64), sample.input_ids)
+        assert np.array_equal(got["loss_mask"], sample.loss_mask)
+        assert got["aux_hidden"].dtype == np.uint16 and np.array_equal(got["aux_hidden"], sample.aux_hidden)
+        assert np.array_equal(got["topk_ids"].astype(np.int64), sample.topk_ids)
+        assert np.array_equal(got["topk_logprobs"].view(np.uint32), sample.topk_logprobs.view(np.uint32))
+        assert reader.record_index(i) == sample.record_index
+    assert seal.arrays["aux_hidden"].crc32 == crc32_of(arrays["aux_hidden"])
+    expected_counts = {}
+    for s in builder.samples:
+        for token in s.input_ids[s.loss_mask.astype(bool)]:
+            expected_counts[int(token)] = expected_counts.get(int(token), 0) + 1
+    assert seal.assistant_token_counts == expected_counts
+
+
+def test_missing_and_incomplete_caches_explain_themselves(tmp_path):
+    with pytest.raises(CacheError, match="does not exist"):
+        read_manifest(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "extract.json").write_text("{}")
+    with pytest.raises(CacheError, match="incomplete cache.*resume"):
+        read_manifest(tmp_path / "half")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(CacheError, match="not a Talon feature cache"):
+        read_manifest(tmp_path / "other")
+
+
+def test_identity_mismatch_names_the_field():
+    cache = _identity()
+    other = _identity(source="elsewhere", tokenizer_hash="different", hidden_size=8)
+    lines = cache.mismatches(other)
+    assert lines == ["hidden_size: cache has 4, target has 8", "tokenizer_hash: cache has 'tok', target has 'different'"]
+    assert cache.mismatches(_identity(source="same model, other path")) == []
