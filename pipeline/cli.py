@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.config import ConfigError, ExtractConfig, TrainConfig
+from pipeline.config import ConfigError, ExtractConfig
 
 app = typer.Typer(
     name="talon",
@@ -84,51 +84,6 @@ def extract(
 
 
 @app.command()
-def train(
-    cache: Annotated[Path, typer.Option("--cache", help="Feature cache written by `talon extract`.")],
-    out: Annotated[Path, typer.Option("--out", help="Run directory: metrics.jsonl, summary.json and export/ (the servable draft).")],
-    target: Annotated[Optional[str], typer.Option(help="Check that the cache was extracted from this target and refuse otherwise (loads only its weights' fingerprint).")] = None,
-    ttt_steps: Annotated[int, typer.Option(help="Training-time-test unroll depth K.")] = 7,
-    draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size: the most frequent assistant tokens of the cache (capped at the target vocab).")] = 32000,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
-    epochs: Annotated[float, typer.Option(help="Passes over the cache when --max-steps is not given.")] = 1.0,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, linear warmup then cosine).")] = 3e-4,
-    warmup_ratio: Annotated[float, typer.Option(help="Share of steps spent warming up.")] = 0.03,
-    min_lr_ratio: Annotated[float, typer.Option(help="Final learning rate as a share of the peak.")] = 0.1,
-    grad_clip: Annotated[float, typer.Option(help="Max gradient norm.")] = 0.5,
-    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per step (batch size x longest sample).")] = 8192,
-    max_length: Annotated[Optional[int], typer.Option(help="Truncate cached samples to this many tokens (default: as cached).")] = None,
-    device: DeviceOpt = "auto",
-    seed: Annotated[int, typer.Option(help="Seed for initialisation and batch order.")] = 0,
-    log_every: Annotated[int, typer.Option(help="Write a metrics.jsonl line every N steps.")] = 10,
-    as_json: JsonFlag = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
-) -> None:
-    """Train the EAGLE-3 draft from a feature cache and export it for SGLang/vLLM."""
-    try:
-        cfg = TrainConfig(
-            cache=cache, out=out, target=target, ttt_steps=ttt_steps, draft_vocab=draft_vocab, max_steps=max_steps,
-            epochs=epochs, lr=lr, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, grad_clip=grad_clip,
-            batch_tokens=batch_tokens, max_length=max_length, device=device, seed=seed, log_every=log_every,
-            progress=progress and sys.stderr.isatty(),
-        )
-        from stage_train.trainer import run_train
-
-        summary = run_train(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        _fail(err)
-    final = summary["final"] or {}
-    _emit(summary, as_json, [
-        f"run: {summary['run']}",
-        f"steps: {summary['steps']}  tokens: {summary['tokens']}  ({summary['tokens_per_second']} tok/s on {summary['device']})",
-        f"draft vocab: {summary['draft_vocab']} (covers {summary['draft_vocab_coverage']:.1%} of assistant tokens)",
-        f"final loss: {final.get('loss', float('nan')):.4f}  per-step accuracy: {final.get('step_accuracy')}",
-        f"simulated acceptance length: {final.get('simulated_acceptance_length')}",
-        f"draft exported to: {summary['export']}",
-    ])
-
-
-@app.command()
 def inspect(
     cache: Annotated[Path, typer.Argument(help="Feature cache directory.")],
     as_json: JsonFlag = False,
@@ -152,6 +107,13 @@ def inspect(
     lines += [f"  {name:14s} {a['storage']:>8s} ({a['logical']}) {a['bytes_per_token']:9.1f} B/token" for name, a in info["arrays"].items()]
     lines.append(f"parts: {len(info['parts'])}")
     _emit(info, as_json, lines)
+
+
+from pipeline.cmd_train import plot_command, sweep_command, train_command  # noqa: E402
+
+app.command("train")(train_command)
+app.command("sweep")(sweep_command)
+app.command("plot")(plot_command)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,14 @@ class ExtractConfig:
     device: str = "auto"
     skip_bad_records: bool = False
     progress: bool = True
+    feature_dtype: str = "bf16"
+    teacher: str = "topk"
+    shard_index: int | None = None
+    num_shards: int | None = None
 
     def __post_init__(self) -> None:
+        from schemas.layout import FEATURE_DTYPES, TEACHERS
+
         _require(self.max_samples is None or self.max_samples > 0, "--max-samples must be positive")
         _require(self.max_length >= 2, "--max-length must be at least 2")
         _require(1 <= self.top_k <= 65536, "--top-k must be between 1 and 65536")
@@ -46,6 +52,14 @@ class ExtractConfig:
         _require(self.part_tokens >= 1, "--part-tokens must be positive")
         _require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
         _require(self.layers is None or len(self.layers) == 3, "--layers needs exactly three comma-separated ids")
+        _require(self.feature_dtype in FEATURE_DTYPES, f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}")
+        _require(self.teacher in TEACHERS, f"--teacher must be one of {', '.join(TEACHERS)}")
+        _require((self.shard_index is None) == (self.num_shards is None), "--shard-index and --num-shards go together")
+        _require(self.num_shards is None or self.num_shards >= 1, "--num-shards must be positive")
+        _require(
+            self.num_shards is None or self.shard_index is None or 0 <= self.shard_index < self.num_shards,
+            f"--shard-index must be in [0, --num-shards) (got {self.shard_index} of {self.num_shards})",
+        )
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,12 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     log_every: int = 10
+    grad_accum: int = 1
+    val_fraction: float = 0.0
+    eval_every: int | None = None
+    save_every: int | None = None
+    skip_nonfinite: int = 0
+    fsdp: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -84,6 +104,55 @@ class TrainConfig:
         _require(self.max_length is None or self.max_length >= 2, "--max-length must be at least 2")
         _require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
         _require(self.log_every >= 1, "--log-every must be positive")
+        _require(self.grad_accum >= 1, "--grad-accum must be positive")
+        _require(0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)")
+        _require(self.eval_every is None or self.eval_every >= 1, "--eval-every must be positive")
+        _require(
+            self.save_every is None or (self.save_every >= 1 and self.save_every % self.log_every == 0),
+            f"--save-every must be a positive multiple of --log-every ({self.log_every}) so a resumed run "
+            "logs the same windows",
+        )
+        _require(self.skip_nonfinite >= 0, "--skip-nonfinite must be >= 0")
+
+
+def train_config_from_dict(values: dict[str, Any], *, where: str) -> TrainConfig:
+    """Build a TrainConfig from a mapping (a config file, a saved run), refusing unknown keys."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown train setting(s) {unknown}; known: {sorted(known)}")
+    values = dict(values)
+    for key in ("cache", "out"):
+        if key in values and values[key] is not None:
+            values[key] = Path(values[key])
+    return TrainConfig(**values)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML or YAML file of settings (a flat table, or a [train] table)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML ({err})") from err
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({err})") from err
+    else:
+        raise ConfigError(f"{path}: config files must end in .toml, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of settings")
+    return dict(data.get("train", data))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

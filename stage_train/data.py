@@ -1,8 +1,11 @@
 """Batches of cached features for the draft, read straight from the Zarr parts.
 
-Samples are grouped by length under a token budget (seeded shuffle per epoch), read with one
-ranged read per array, padded on the right, and prefetched in a background thread so the
-trainer never waits for I/O on the next step.
+Reading is windowed: each epoch visits the parts in a seeded random order, a few parts at a
+time; a window's parts are read whole (sequential, multi-threaded shard decoding, no per-sample
+seeks), its samples are shuffled and grouped by length under a token budget, and the batches
+are served from memory.  A background thread prepares the next batches while the trainer
+steps, so I/O stays off the critical path.  The plan is a pure function of (seed, epoch), so a
+resumed run can skip to any batch without reading anything before it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import torch
 
 from pipeline.batching import shuffled_bucket_batches
 from schemas.store import CacheReader
+
+FEATURE_ARRAYS = ("input_ids", "loss_mask", "aux_hidden", "topk_ids", "topk_logprobs")
 
 
 @dataclass
@@ -38,15 +43,20 @@ class FeatureBatch:
         }
         return FeatureBatch(**moved, n_tokens=self.n_tokens)
 
+    def pin_memory(self) -> "FeatureBatch":
+        pinned = {
+            name: getattr(self, name).pin_memory()
+            for name in ("input_ids", "attention_mask", "loss_mask", "aux_hidden_states", "topk_ids", "topk_logprobs")
+        }
+        return FeatureBatch(**pinned, n_tokens=self.n_tokens)
+
 
 def bf16_from_bits(bits: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
 
 
-def load_batch(reader: CacheReader, samples: np.ndarray, max_length: int | None = None) -> FeatureBatch:
-    rows = [reader.read_sample(int(i)) for i in samples]
-    if max_length is not None:
-        rows = [{k: v[:max_length] for k, v in row.items()} for row in rows]
+def collate(rows: list[dict[str, np.ndarray]]) -> FeatureBatch:
+    """Right-pad per-sample rows into one batch."""
     lengths = [len(row["input_ids"]) for row in rows]
     width = max(lengths)
     aux_width = rows[0]["aux_hidden"].shape[1]
@@ -61,7 +71,7 @@ def load_batch(reader: CacheReader, samples: np.ndarray, max_length: int | None 
     for b, (row, n) in enumerate(zip(rows, lengths)):
         input_ids[b, :n] = row["input_ids"]
         attention[b, :n] = 1
-        loss_mask[b, :n] = row["loss_mask"].astype(bool)
+        loss_mask[b, :n] = row["loss_mask"]
         aux[b, :n] = row["aux_hidden"]
         top_ids[b, :n] = row["topk_ids"]
         top_lp[b, :n] = row["topk_logprobs"]
@@ -76,27 +86,108 @@ def load_batch(reader: CacheReader, samples: np.ndarray, max_length: int | None 
     )
 
 
-class BatchPlan:
-    """Which samples form each batch, epoch after epoch, reproducibly from a seed."""
+def load_batch(reader: CacheReader, samples: np.ndarray, max_length: int | None = None) -> FeatureBatch:
+    """Random-access batch: one ranged read per sample and array (no window needed)."""
+    rows = [reader.read_sample(int(i)) for i in samples]
+    return collate([{k: v[:max_length] for k, v in row.items()} for row in rows])
 
-    def __init__(self, lengths: np.ndarray, batch_tokens: int, seed: int, max_length: int | None = None):
-        self.lengths = np.minimum(lengths, max_length) if max_length else np.asarray(lengths)
+
+@dataclass(frozen=True)
+class Window:
+    """A few parts read together, and the batches (global sample ids) drawn from them."""
+
+    parts: tuple[int, ...]
+    batches: tuple[np.ndarray, ...]
+
+
+class BatchPlan:
+    """Which samples form each batch, epoch after epoch, reproducibly from a seed.
+
+    ``samples`` restricts the plan (e.g. to the training split); ``rank``/``world_size``
+    give each data-parallel rank a disjoint, equally long share of every window.
+    """
+
+    def __init__(
+        self,
+        reader: CacheReader,
+        batch_tokens: int,
+        seed: int,
+        *,
+        max_length: int | None = None,
+        samples: np.ndarray | None = None,
+        window_parts: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
+        group: int | None = None,
+    ):
+        self.lengths = np.minimum(reader.lengths, max_length) if max_length else np.asarray(reader.lengths)
         self.batch_tokens = batch_tokens
         self.seed = seed
+        self.window_parts = window_parts
+        self.rank, self.world_size = rank, world_size
+        # Batches are dealt in groups of `group` (world size x gradient accumulation), so every
+        # rank sees equally many and an optimizer step always spans one whole group.
+        self.group = group or world_size
+        chosen = np.ones(len(reader), dtype=bool) if samples is None else np.isin(np.arange(len(reader)), samples)
+        part_of = reader._part_of
+        self._part_samples = [np.flatnonzero((part_of == p) & chosen) for p in range(len(reader.manifest.parts))]
+        self._epochs: dict[int, list[Window]] = {}
 
-    def epoch(self, epoch: int) -> list[np.ndarray]:
+    def epoch(self, epoch: int) -> list[Window]:
+        cached = self._epochs.get(epoch)
+        if cached is not None:
+            return cached
         rng = np.random.default_rng([self.seed, epoch])
-        return shuffled_bucket_batches(self.lengths, self.batch_tokens, rng)
+        order = [p for p in rng.permutation(len(self._part_samples)) if len(self._part_samples[p])]
+        windows = []
+        for start in range(0, len(order), self.window_parts):
+            parts = tuple(int(p) for p in order[start : start + self.window_parts])
+            pool = np.concatenate([self._part_samples[p] for p in parts])
+            local = shuffled_bucket_batches(self.lengths[pool], self.batch_tokens, rng)
+            batches = [pool[b] for b in local]
+            usable = len(batches) - len(batches) % self.group
+            mine = tuple(batches[self.rank : usable : self.world_size])
+            if mine:
+                windows.append(Window(parts, mine))
+        self._epochs = {epoch: windows}  # keep only the current epoch's plan in memory
+        return windows
 
     def batches_per_epoch(self) -> int:
-        return len(self.epoch(0))
+        return sum(len(w.batches) for w in self.epoch(0))
 
-    def stream(self, start_epoch: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-        epoch = start_epoch
-        while True:
-            for batch in self.epoch(epoch):
-                yield epoch, batch
-            epoch += 1
+
+def _read_window(reader: CacheReader, parts: tuple[int, ...]) -> dict[int, tuple[np.ndarray, dict[str, np.ndarray]]]:
+    loaded = {}
+    for part in parts:
+        group = reader._group(part)
+        arrays = {name: group[name][...] for name in FEATURE_ARRAYS}
+        loaded[part] = (reader._offsets[part], arrays)
+    return loaded
+
+
+def iterate_batches(
+    reader: CacheReader, plan: BatchPlan, *, start_epoch: int = 0, start_batch: int = 0, max_length: int | None = None
+) -> Iterator[tuple[int, int, FeatureBatch]]:
+    """Yield ``(epoch, batch_index_in_epoch, batch)`` forever, starting at a given position."""
+    epoch, skip = start_epoch, start_batch
+    while True:
+        index = 0
+        for window in plan.epoch(epoch):
+            if index + len(window.batches) <= skip:
+                index += len(window.batches)
+                continue
+            loaded = _read_window(reader, window.parts)
+            for samples in window.batches:
+                if index >= skip:
+                    rows = []
+                    for sample in samples:
+                        loc = reader.locate(int(sample))
+                        _, arrays = loaded[loc.part]
+                        stop = loc.stop if max_length is None else min(loc.stop, loc.start + max_length)
+                        rows.append({name: arrays[name][loc.start : stop] for name in FEATURE_ARRAYS})
+                    yield epoch, index, collate(rows)
+                index += 1
+        epoch, skip = epoch + 1, 0
 
 
 def prefetch(items: Iterator, depth: int = 4) -> Iterator:

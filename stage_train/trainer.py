@@ -1,10 +1,16 @@
-"""`talon train`: fit the EAGLE-3 draft from a feature cache, never running the target."""
+"""`talon train`: fit the EAGLE-3 draft from a feature cache, never running the target.
+
+One code path for 1 and N processes (see :class:`pipeline.runtime.Runtime`): each rank reads a
+disjoint share of every window of batches, gradients are averaged by DDP (or sharded by FSDP2),
+metrics are all-reduced, and only rank 0 writes logs, checkpoints and the export.
+"""
 
 from __future__ import annotations
 
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +19,26 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import LlamaConfig
 
-from pipeline.config import TrainConfig, config_to_dict
-from pipeline.runtime import resolve_device
-from schemas.jsonio import write_json_atomic
+from pipeline.config import ConfigError, TrainConfig, config_to_dict, train_config_from_dict
+from pipeline.runtime import Runtime
+from schemas.jsonio import read_json, write_json_atomic
 from schemas.layout import TARGET_HEAD_FILE
 from schemas.manifest import CacheError, CacheManifest, read_manifest, require_same_target
 from schemas.store import CacheReader
+from stage_train.checkpoint import load_latest_checkpoint, restore_rng, rng_state, save_checkpoint
 from stage_train.core import Eagle3TrainerModule, TopKLogProbs, _shift_left_with_zero
-from stage_train.data import BatchPlan, FeatureBatch, load_batch, prefetch
+from stage_train.data import BatchPlan, FeatureBatch, iterate_batches, prefetch
 from stage_train.draft import DraftConfig, Eagle3DraftModel
 from stage_train.export import export_draft
-from stage_train.metrics import JsonlWriter, MetricWindow
+from stage_train.metrics import MetricSink, MetricWindow
 from stage_train.schedule import warmup_cosine
 from stage_train.vocab import select_draft_vocab
+
+RUN_CONFIG = "config.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step produced a NaN/Inf loss or gradient and the run was not told to skip it."""
 
 
 def check_target(manifest: CacheManifest, cache: Path, target: str) -> None:
@@ -49,6 +62,13 @@ def build_draft(manifest: CacheManifest, cache: Path, draft_vocab: int) -> tuple
     return draft, vocab.coverage
 
 
+def split_samples(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded, stable train/validation split of the cache's samples."""
+    n_val = 0 if val_fraction == 0 else min(n - 1, max(1, round(val_fraction * n)))
+    order = np.random.default_rng([seed, 7919]).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
 def shifted_inputs(batch: FeatureBatch, device: torch.device) -> dict:
     """The seed's conventions: ids, loss mask and teacher shifted left by one; aux unshifted."""
     aux = batch.aux_hidden_states if device.type == "cuda" else batch.aux_hidden_states.float()
@@ -63,86 +83,196 @@ def shifted_inputs(batch: FeatureBatch, device: torch.device) -> dict:
     }
 
 
-def run_train(cfg: TrainConfig) -> dict:
-    device = resolve_device(cfg.device)
+def resolve_resume(run_dir: Path, overrides: dict) -> TrainConfig:
+    """The config of an existing run, with the given overrides (e.g. a larger --max-steps)."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"cannot resume {run_dir}: it has no {RUN_CONFIG}")
+    saved = read_json(path)["train"]
+    saved.update(overrides)
+    saved["out"] = str(run_dir)
+    return train_config_from_dict(saved, where=str(path))
+
+
+@torch.no_grad()
+def evaluate(module: Eagle3TrainerModule, reader, plan: BatchPlan, runtime: Runtime, autocast, max_length) -> dict:
+    """Per-step accuracy and simulated acceptance length over the held-out samples."""
+    window = MetricWindow(module.ttt_steps, runtime.device)
+    module.eval()
+    batches = sum(len(w.batches) for w in plan.epoch(0))
+    for done, (_, _, batch) in enumerate(iterate_batches(reader, plan, max_length=max_length)):
+        if done >= batches:
+            break
+        batch = batch.to(runtime.device)
+        with autocast:
+            window.add(module(**shifted_inputs(batch, runtime.device)), batch.n_tokens)
+    module.train()
+    return window.summary(runtime)
+
+
+def run_train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    runtime = Runtime.from_environment(cfg.device)
+    try:
+        return _train(cfg, runtime, resume)
+    finally:
+        runtime.close()
+
+
+def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
+    device = runtime.device
+    out = Path(cfg.out)
+    checkpoint = load_latest_checkpoint(out) if resume else None
+    if not resume and (out / "checkpoints").exists():
+        raise ConfigError(f"{out} already holds a run with checkpoints; pass --resume {out} or use another --out")
     torch.manual_seed(cfg.seed)
     manifest = read_manifest(cfg.cache)
     if cfg.target is not None:
         check_target(manifest, Path(cfg.cache), cfg.target)
     reader = CacheReader(cfg.cache, manifest)
+    train_ids, val_ids = split_samples(len(reader), cfg.val_fraction, cfg.seed)
+
     draft, coverage = build_draft(manifest, Path(cfg.cache), cfg.draft_vocab)
+    if checkpoint is not None:
+        # The checkpoint's d2t/t2d win: lm_head rows are only meaningful under their own mapping.
+        draft.load_state_dict(checkpoint["model"])
     module = Eagle3TrainerModule(
         draft,
-        selected_token_ids=draft.d2t + torch.arange(draft.config.draft_vocab_size),
+        selected_token_ids=draft.draft_to_target_ids(),
         selected_token_mask=draft.t2d,
         ttt_steps=cfg.ttt_steps,
     ).to(device)
+    model = runtime.wrap(module, fsdp=cfg.fsdp)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
-    plan = BatchPlan(reader.lengths, cfg.batch_tokens, cfg.seed, cfg.max_length)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.batches_per_epoch()))
+    group = runtime.world_size * cfg.grad_accum
+    plan = BatchPlan(reader, cfg.batch_tokens, cfg.seed, max_length=cfg.max_length, samples=train_ids,
+                     rank=runtime.rank, world_size=runtime.world_size, group=group)
+    val_plan = BatchPlan(reader, cfg.batch_tokens, cfg.seed, max_length=cfg.max_length, samples=val_ids,
+                         rank=runtime.rank, world_size=runtime.world_size, group=runtime.world_size) if len(val_ids) else None
+    steps_per_epoch = max(1, plan.batches_per_epoch() // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, total_steps, warmup, cfg.min_lr_ratio)
     )
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", {"train": config_to_dict(cfg), "cache_target": manifest.target.source})
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    log = JsonlWriter(out / "metrics.jsonl")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    batches = prefetch((load_batch(reader, samples, cfg.max_length) for _, samples in plan.stream()), depth=4)
+    window = MetricWindow(cfg.ttt_steps, device)
+    start_step, position, skipped = 0, (0, 0), 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        window.load_state_dict(checkpoint["window"])
+        restore_rng(checkpoint["rng"])
+        start_step, position, skipped = checkpoint["step"], tuple(checkpoint["position"]), checkpoint["skipped"]
 
-    window, first, last = MetricWindow(), None, None
+    sink = None
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / RUN_CONFIG, {"train": config_to_dict(cfg), "cache_target": manifest.target.source,
+                                             "world_size": runtime.world_size})
+        sink = MetricSink(out, keep_until_step=start_step if checkpoint is not None else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    stream = prefetch(iterate_batches(reader, plan, start_epoch=position[0], start_batch=position[1],
+                                      max_length=cfg.max_length), depth=4)
+
+    first = last = last_val = None
     started = window_started = time.perf_counter()
     tokens_total = 0
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+               disable=not (cfg.progress and runtime.is_main), dynamic_ncols=True)
     module.train()
     try:
-        for step in range(total_steps):
-            batch = next(batches).to(device)
-            with autocast:
-                metrics = module(**shifted_inputs(batch, device))
+        for step in range(start_step, total_steps):
             optimizer.zero_grad(set_to_none=True)
-            metrics.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            step_loss = torch.zeros((), device=device)
+            batch_positions = []
+            for micro in range(cfg.grad_accum):
+                epoch, index, batch = next(stream)
+                batch_positions.append((epoch, index))
+                position = (epoch, index + 1)
+                batch = batch.to(device)
+                sync = nullcontext() if micro + 1 == cfg.grad_accum or runtime.world_size == 1 or cfg.fsdp else model.no_sync()
+                with sync, autocast:
+                    metrics = model(**shifted_inputs(batch, device))
+                    (metrics.loss / cfg.grad_accum).backward()
+                step_loss += metrics.loss.detach() / cfg.grad_accum
+                window.add(metrics, batch.n_tokens)
+                tokens_total += batch.n_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+            if not bool(runtime.all_reduce_sum(finite.float().reshape(1)) == runtime.world_size):
+                if skipped >= cfg.skip_nonfinite:
+                    raise NonFiniteLossError(
+                        f"step {step + 1}: non-finite loss or gradient (loss {float(step_loss):.4g}, grad norm "
+                        f"{float(grad_norm):.4g}) in batch(es) {batch_positions} (epoch, index); rerun with "
+                        "--skip-nonfinite N to tolerate up to N such batches"
+                    )
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                optimizer.step()
             scheduler.step()
-            window.add(metrics, batch.n_tokens)
-            tokens_total += batch.n_tokens
             bar.update(1)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total_steps:
                 now = time.perf_counter()
-                record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], **window.summary()}
-                record["tokens_per_second"] = round(window.tokens / max(now - window_started, 1e-9), 1)
-                log.write(record)
+                summary = window.summary(runtime)
+                record = {"step": done, "lr": scheduler.get_last_lr()[0], "skipped_nonfinite": skipped, **summary}
+                record["tokens_per_second"] = round(summary.get("tokens", 0) / max(now - window_started, 1e-9), 1)
+                if val_plan is not None and cfg.eval_every and done % cfg.eval_every == 0:
+                    last_val = evaluate(module, reader, val_plan, runtime, autocast, cfg.max_length)
+                    record.update({f"val_{k}": v for k, v in last_val.items()})
+                if sink is not None:
+                    sink.write(record)
                 first = first or record
                 last = record
-                bar.set_postfix(loss=f"{record['loss']:.3f}", acc0=f"{record['step_accuracy'][0]:.3f}")
+                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", acc0=f"{record['step_accuracy'][0]:.3f}",
+                                tok_s=f"{record['tokens_per_second']:,.0f}")
                 window.reset()
-                window_started = now
+                window_started = time.perf_counter()
+            if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+                if runtime.is_main:
+                    save_checkpoint(out, done, {
+                        "model": module.draft_model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "window": window.state_dict(),
+                        "rng": rng_state(),
+                        "position": list(position),
+                        "skipped": skipped,
+                        "config": config_to_dict(cfg),
+                    })
+                runtime.barrier()
     finally:
         bar.close()
-        log.close()
+        if sink is not None:
+            sink.close()
     seconds = time.perf_counter() - started
-    export_dir = export_draft(
-        module.draft_model.to("cpu"), out / "export", target=manifest.target,
-        layer_ids=manifest.settings.layer_ids, layer_convention=manifest.layer_convention,
-    )
+    if val_plan is not None:
+        last_val = evaluate(module, reader, val_plan, runtime, autocast, cfg.max_length)
     summary = {
         "run": str(out),
-        "export": str(export_dir),
+        "export": str(out / "export"),
         "steps": total_steps,
+        "resumed_from_step": start_step if checkpoint is not None else None,
         "ttt_steps": cfg.ttt_steps,
         "draft_vocab": draft.config.draft_vocab_size,
         "draft_vocab_coverage": round(coverage, 4),
+        "world_size": runtime.world_size,
         "first": first,
         "final": last,
-        "tokens": tokens_total,
+        "validation": last_val,
+        "skipped_nonfinite": skipped,
+        "tokens": tokens_total * runtime.world_size,
         "seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens_total / max(seconds, 1e-9), 1),
+        "tokens_per_second": round(tokens_total * runtime.world_size / max(seconds, 1e-9), 1),
         "device": str(device),
     }
-    write_json_atomic(out / "summary.json", summary)
+    if runtime.is_main:
+        export_draft(
+            module.draft_model.to("cpu"), out / "export", target=manifest.target,
+            layer_ids=manifest.settings.layer_ids, layer_convention=manifest.layer_convention,
+        )
+        write_json_atomic(out / "summary.json", summary)
+    runtime.barrier()
     return summary
