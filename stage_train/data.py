@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -156,38 +157,56 @@ class BatchPlan:
         return sum(len(w.batches) for w in self.epoch(0))
 
 
-def _read_window(reader: CacheReader, parts: tuple[int, ...]) -> dict[int, tuple[np.ndarray, dict[str, np.ndarray]]]:
-    loaded = {}
-    for part in parts:
-        group = reader._group(part)
-        arrays = {name: group[name][...] for name in FEATURE_ARRAYS}
-        loaded[part] = (reader._offsets[part], arrays)
-    return loaded
+def _read_window(reader: CacheReader, parts: tuple[int, ...]) -> dict[int, dict[str, np.ndarray]]:
+    return {part: reader.read_part(part, FEATURE_ARRAYS) for part in parts}
 
 
 def iterate_batches(
     reader: CacheReader, plan: BatchPlan, *, start_epoch: int = 0, start_batch: int = 0, max_length: int | None = None
 ) -> Iterator[tuple[int, int, FeatureBatch]]:
-    """Yield ``(epoch, batch_index_in_epoch, batch)`` forever, starting at a given position."""
-    epoch, skip = start_epoch, start_batch
-    while True:
-        index = 0
-        for window in plan.epoch(epoch):
-            if index + len(window.batches) <= skip:
+    """Yield ``(epoch, batch_index_in_epoch, batch)`` forever, starting at a given position.
+
+    The next window's parts are read in a second thread while the current window's batches
+    are served, so a window boundary does not stall the consumer.
+    """
+
+    def windows() -> Iterator[tuple[int, int, Window]]:
+        epoch, skip = start_epoch, start_batch
+        while True:
+            index = 0
+            for window in plan.epoch(epoch):
+                if index + len(window.batches) > skip:
+                    yield epoch, index, window
                 index += len(window.batches)
-                continue
-            loaded = _read_window(reader, window.parts)
-            for samples in window.batches:
-                if index >= skip:
-                    rows = []
-                    for sample in samples:
-                        loc = reader.locate(int(sample))
-                        _, arrays = loaded[loc.part]
-                        stop = loc.stop if max_length is None else min(loc.stop, loc.start + max_length)
-                        rows.append({name: arrays[name][loc.start : stop] for name in FEATURE_ARRAYS})
-                    yield epoch, index, collate(rows)
-                index += 1
-        epoch, skip = epoch + 1, 0
+            epoch, skip = epoch + 1, 0
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="talon-window") as pool:
+        upcoming = windows()
+        epoch, index, window = next(upcoming)
+        pending = pool.submit(_read_window, reader, window.parts)
+        while True:
+            loaded = pending.result()
+            next_epoch, next_index, next_window = next(upcoming)
+            pending = pool.submit(_read_window, reader, next_window.parts)
+            for offset, samples in enumerate(window.batches):
+                if epoch == start_epoch and index + offset < start_batch:
+                    continue  # consumed before the checkpoint this run resumes from
+                rows = []
+                for sample in samples:
+                    loc = reader.locate(int(sample))
+                    arrays = loaded[loc.part]
+                    stop = loc.stop if max_length is None else min(loc.stop, loc.start + max_length)
+                    rows.append({name: arrays[name][loc.start : stop] for name in FEATURE_ARRAYS})
+                yield epoch, index + offset, collate(rows)
+            epoch, index, window = next_epoch, next_index, next_window
+
+
+def iterate_random_access(reader: CacheReader, plan: BatchPlan, max_length: int | None = None) -> Iterator[FeatureBatch]:
+    """One pass over epoch 0 of a plan with ranged per-sample reads: right for small subsets
+    (a validation split) spread over many parts, where reading whole parts would waste I/O."""
+    for window in plan.epoch(0):
+        for samples in window.batches:
+            yield load_batch(reader, samples, max_length)
 
 
 def prefetch(items: Iterator, depth: int = 4) -> Iterator:

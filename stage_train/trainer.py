@@ -27,7 +27,7 @@ from schemas.manifest import CacheError, CacheManifest, read_manifest, require_s
 from schemas.store import CacheReader
 from stage_train.checkpoint import load_latest_checkpoint, restore_rng, rng_state, save_checkpoint
 from stage_train.core import Eagle3TrainerModule, TopKLogProbs, _shift_left_with_zero
-from stage_train.data import BatchPlan, FeatureBatch, iterate_batches, prefetch
+from stage_train.data import BatchPlan, FeatureBatch, iterate_batches, iterate_random_access, prefetch
 from stage_train.draft import DraftConfig, Eagle3DraftModel
 from stage_train.export import export_draft
 from stage_train.metrics import MetricSink, MetricWindow
@@ -99,10 +99,7 @@ def evaluate(module: Eagle3TrainerModule, reader, plan: BatchPlan, runtime: Runt
     """Per-step accuracy and simulated acceptance length over the held-out samples."""
     window = MetricWindow(module.ttt_steps, runtime.device)
     module.eval()
-    batches = sum(len(w.batches) for w in plan.epoch(0))
-    for done, (_, _, batch) in enumerate(iterate_batches(reader, plan, max_length=max_length)):
-        if done >= batches:
-            break
+    for batch in prefetch(iterate_random_access(reader, plan, max_length), depth=4):
         batch = batch.to(runtime.device)
         with autocast:
             window.add(module(**shifted_inputs(batch, runtime.device)), batch.n_tokens)
@@ -178,6 +175,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     first = last = last_val = None
     started = window_started = time.perf_counter()
     tokens_total = 0
+    eval_seconds = 0.0
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                disable=not (cfg.progress and runtime.is_main), dynamic_ncols=True)
     module.train()
@@ -220,7 +218,9 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                 record = {"step": done, "lr": scheduler.get_last_lr()[0], "skipped_nonfinite": skipped, **summary}
                 record["tokens_per_second"] = round(summary.get("tokens", 0) / max(now - window_started, 1e-9), 1)
                 if val_plan is not None and cfg.eval_every and done % cfg.eval_every == 0:
+                    eval_started = time.perf_counter()
                     last_val = evaluate(module, reader, val_plan, runtime, autocast, cfg.max_length)
+                    eval_seconds += time.perf_counter() - eval_started
                     record.update({f"val_{k}": v for k, v in last_val.items()})
                 if sink is not None:
                     sink.write(record)
@@ -247,7 +247,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         bar.close()
         if sink is not None:
             sink.close()
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - eval_seconds  # training time, validation excluded
     if val_plan is not None:
         last_val = evaluate(module, reader, val_plan, runtime, autocast, cfg.max_length)
     summary = {
