@@ -17,11 +17,11 @@ DEVICE      ?= auto
 MAX_SAMPLES ?= 240
 MAX_LENGTH  ?= 384
 TOP_K       ?= 64
-TTT_STEPS   ?= 5
-DRAFT_VOCAB ?= 8192
-STEPS       ?= 240
-BATCH_TOKENS ?= 2048
-LR          ?= 1e-3
+TTT_STEPS   ?= 3
+DRAFT_VOCAB ?= 4096
+STEPS       ?= 150
+BATCH_TOKENS ?= 1536
+LR          ?= 2e-3
 EXTRACT_ARGS ?=
 TRAIN_ARGS  ?=
 

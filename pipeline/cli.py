@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from pipeline.cli_common import JsonFlag, emit, fail
 
 from pipeline.config import ConfigError, ExtractConfig
 
@@ -19,7 +20,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout instead of text.")]
 DeviceOpt = Annotated[str, typer.Option(help="Where to run: auto (CUDA if present), cpu, or cuda. bf16 on CUDA, fp32 on CPU.")]
 
 
@@ -32,17 +32,8 @@ def _parse_layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
         raise typer.BadParameter(f"--layers takes comma-separated integers, got {text!r}")
 
 
-def _emit(summary: dict, as_json: bool, lines: list[str]) -> None:
-    if as_json:
-        typer.echo(json.dumps(summary, indent=2))
-    else:
-        for line in lines:
-            typer.echo(line)
 
 
-def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(code=2)
 
 
 @app.command()
@@ -58,6 +49,13 @@ def extract(
     part_tokens: Annotated[int, typer.Option(help="Tokens per sealed part of the cache; a killed run loses at most one part of work.")] = 65536,
     device: DeviceOpt = "auto",
     skip_bad_records: Annotated[bool, typer.Option(help="Count and skip malformed records instead of stopping at the first one.")] = False,
+    feature_dtype: Annotated[str, typer.Option(help="Aux-state storage: bf16, or fp8 (e4m3fn, one float32 scale per token and aux layer; ~half the bytes, ~2% relative error; read back as bf16).")] = "bf16",
+    teacher: Annotated[str, typer.Option(help="Teacher planes: topk (top-k log-probs), final-hidden (pre-norm last hidden state + the target's final norm and LM head, for the exact teacher), or both.")] = "topk",
+    shard_index: Annotated[Optional[int], typer.Option(help="This worker's index I: it extracts the records with record_index % N == I (default: torchrun's RANK, else 0).")] = None,
+    num_shards: Annotated[Optional[int], typer.Option(help="Number of workers N writing into the same --out (default: torchrun's WORLD_SIZE, else 1); the last to finish writes the manifest.")] = None,
+    backend: Annotated[str, typer.Option(help="Feature engine: hf (transformers forward with layer hooks) or vllm (vLLM 0.26 extract_hidden_states; needs a GPU and `pip install '.[vllm]'`). Both write the same cache.")] = "hf",
+    vllm_gpu_memory_utilization: Annotated[float, typer.Option(help="--backend vllm: share of GPU memory vLLM may claim; the rest holds Talon's LM head for the top-k.")] = 0.85,
+    tensor_parallel_size: Annotated[int, typer.Option(help="--backend vllm: GPUs to shard the target over (tensor parallel).")] = 1,
     as_json: JsonFlag = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
 ) -> None:
@@ -68,13 +66,16 @@ def extract(
             out=out, target=target, data=data, max_samples=max_samples, max_length=max_length, top_k=top_k,
             layers=_parse_layers(layers), batch_tokens=batch_tokens, part_tokens=part_tokens, device=device,
             skip_bad_records=skip_bad_records, progress=progress and sys.stderr.isatty(),
+            feature_dtype=feature_dtype, teacher=teacher, shard_index=shard_index, num_shards=num_shards,
+            backend=backend, vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
         )
         from stage_extract.run import run_extract
 
         summary = run_extract(cfg)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        _fail(err)
-    _emit(summary, as_json, [
+        fail(err)
+    emit(summary, as_json, [
         f"cache: {summary['cache']}",
         f"samples: {summary['samples']}  tokens: {summary['tokens']}  assistant tokens: {summary['assistant_tokens']}",
         f"parts: {summary['parts']} (resumed {summary['resumed_parts']})  bytes/token: {summary['bytes_per_token']}",
@@ -94,7 +95,7 @@ def inspect(
     try:
         info = describe_cache(cache)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        _fail(err)
+        fail(err)
     lines = [
         f"cache: {info['cache']}  (schema v{info['schema_version']})",
         f"target: {info['target']['source']}  hidden {info['target']['hidden_size']}, vocab {info['target']['vocab_size']}, "
@@ -106,14 +107,21 @@ def inspect(
     ]
     lines += [f"  {name:14s} {a['storage']:>8s} ({a['logical']}) {a['bytes_per_token']:9.1f} B/token" for name, a in info["arrays"].items()]
     lines.append(f"parts: {len(info['parts'])}")
-    _emit(info, as_json, lines)
+    emit(info, as_json, lines)
 
 
+from pipeline.cmd_cache import estimate_command, merge_command, validate_command  # noqa: E402
+from pipeline.cmd_eval import eval_command, regenerate_command  # noqa: E402
 from pipeline.cmd_train import plot_command, sweep_command, train_command  # noqa: E402
 
 app.command("train")(train_command)
 app.command("sweep")(sweep_command)
 app.command("plot")(plot_command)
+app.command("eval")(eval_command)
+app.command("regenerate")(regenerate_command)
+app.command("validate")(validate_command)
+app.command("merge")(merge_command)
+app.command("estimate")(estimate_command)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+
+from pipeline.cli_common import fail
 
 from pipeline.config import ConfigError, TrainConfig, load_config_file, train_config_from_dict
 
@@ -28,9 +31,6 @@ def _explicit(ctx: typer.Context, names: list[str]) -> dict[str, Any]:
     }
 
 
-def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(code=2)
 
 
 def train_command(
@@ -57,6 +57,8 @@ def train_command(
     save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (a multiple of --log-every) so --resume can continue exactly.")] = None,
     skip_nonfinite: Annotated[Optional[int], typer.Option(help="Tolerate up to N batches with a NaN/Inf loss or gradient (skipped and counted) instead of stopping." + _d("skip_nonfinite"))] = None,
     fsdp: Annotated[Optional[bool], typer.Option("--fsdp/--ddp", help="With several ranks (torchrun), shard with FSDP2 instead of replicating with DDP.")] = None,
+    skip_parts: Annotated[Optional[str], typer.Option(help="Comma-separated part names to leave out of a damaged cache (as `talon validate` names them).")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher: auto (final-hidden when the cache has it, else top-k), topk, or final-hidden (exact draft-vocab teacher recomputed from the cached final hidden state)." + _d("teacher"))] = None,
     device: Annotated[Optional[str], typer.Option(help="auto (CUDA if present), cpu, or cuda. bf16 autocast on CUDA, fp32 on CPU." + _d("device"))] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation, validation split and batch order." + _d("seed"))] = None,
     log_every: Annotated[Optional[int], typer.Option(help="Write a metrics.jsonl line every N steps." + _d("log_every"))] = None,
@@ -82,7 +84,9 @@ def train_command(
         cfg = TrainConfig(**{**cfg.__dict__, "progress": progress and sys.stderr.isatty()})
         summary = run_train(cfg, resume=resume is not None)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        _fail(err)
+        fail(err)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -119,7 +123,7 @@ def sweep_command(
             base["max_steps"] = max_steps
         rows = run_sweep(base, parse_grid(grid), Path(out))
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        _fail(err)
+        fail(err)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
@@ -136,5 +140,5 @@ def plot_command(
     try:
         path = plot_run(run, output)
     except (ValueError, FileNotFoundError, OSError) as err:
-        _fail(err)
+        fail(err)
     typer.echo(str(path))

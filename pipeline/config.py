@@ -41,9 +41,18 @@ class ExtractConfig:
     teacher: str = "topk"
     shard_index: int | None = None
     num_shards: int | None = None
+    backend: str = "hf"
+    vllm_gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         from schemas.layout import FEATURE_DTYPES, TEACHERS
+
+        _require(self.backend in ("hf", "vllm"), "--backend must be hf or vllm")
+        _require(0 < self.vllm_gpu_memory_utilization <= 1, "--vllm-gpu-memory-utilization must be in (0, 1]")
+        _require(self.tensor_parallel_size >= 1, "--tensor-parallel-size must be at least 1")
+        _require(self.backend == "vllm" or self.tensor_parallel_size == 1, "--tensor-parallel-size only applies to --backend vllm")
+        _require(self.backend != "vllm" or self.device != "cpu", "--backend vllm runs on a GPU; use --device auto or cuda")
 
         _require(self.max_samples is None or self.max_samples > 0, "--max-samples must be positive")
         _require(self.max_length >= 2, "--max-length must be at least 2")
@@ -89,6 +98,8 @@ class TrainConfig:
     save_every: int | None = None
     skip_nonfinite: int = 0
     fsdp: bool = False
+    skip_parts: tuple[str, ...] = ()
+    teacher: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -113,6 +124,7 @@ class TrainConfig:
             "logs the same windows",
         )
         _require(self.skip_nonfinite >= 0, "--skip-nonfinite must be >= 0")
+        _require(self.teacher in ("auto", "topk", "final-hidden"), "--teacher must be auto, topk or final-hidden")
 
 
 def train_config_from_dict(values: dict[str, Any], *, where: str) -> TrainConfig:
@@ -122,6 +134,9 @@ def train_config_from_dict(values: dict[str, Any], *, where: str) -> TrainConfig
     if unknown:
         raise ConfigError(f"{where}: unknown train setting(s) {unknown}; known: {sorted(known)}")
     values = dict(values)
+    if isinstance(values.get("skip_parts"), (list, str)):
+        parts = values["skip_parts"]
+        values["skip_parts"] = tuple(p for p in (parts.split(",") if isinstance(parts, str) else parts) if p)
     for key in ("cache", "out"):
         if key in values and values[key] is not None:
             values[key] = Path(values[key])

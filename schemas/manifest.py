@@ -6,7 +6,13 @@ Three kinds of record, all plain JSON written atomically (see :mod:`schemas.json
   present the same spec, so a cache can never mix features from two targets or two settings.
 * :class:`PartSeal` (``parts/part-NNNNNN.json``) is written after its Zarr group is complete.  A
   part without a seal does not exist as far as every reader is concerned.
-* :class:`CacheManifest` (``manifest.json``) is written last.  A cache without it is incomplete.
+* :class:`WorkerRecord` (``worker.json``) is written by a worker once all its parts are sealed.
+* :class:`CacheManifest` (``manifest.json``) is written last, by the merge of all workers' parts
+  (see :mod:`stage_extract.workers`).  A cache without it is incomplete.
+
+Every part is addressed by its manifest entry: ``name`` (unique in the cache, e.g.
+``part-000003`` or ``worker-1-of-2/part-000003``) and ``path`` (the Zarr group relative to the
+cache root; its seal is the same path with ``.json``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from schemas.layout import (
     LAYER_CONVENTION,
     MANIFEST_FILE,
     PARTS_DIR,
-    SCHEMA_VERSION,
+    READABLE_SCHEMA_VERSIONS,
+    WORKER_FILE,
+    WORKERS_DIR,
 )
 
 # The target-config fields that define the feature space a draft is trained in.
@@ -126,6 +134,8 @@ class ExtractSettings:
     compute_dtype: str
     device_type: str
     feature_dtype: str = "bf16"
+    teacher: str = "topk"
+    num_shards: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -176,9 +186,37 @@ class ExtractSpec:
 
 @dataclass(frozen=True)
 class ArrayRecord:
+    """One array of a sealed part as written.
+
+    ``crc32`` covers the whole array's bytes.  For per-token arrays ``sample_crc32[i]`` is the
+    running CRC32 after sample ``i``'s rows (so ``sample_crc32[-1] == crc32``): sample ``i`` is
+    intact iff ``crc32(rows_i, sample_crc32[i-1]) == sample_crc32[i]``, which lets validation name
+    the damaged sample at the cost of one checksum pass at write time.
+    """
+
     shape: tuple[int, ...]
     crc32: int
     stored_bytes: int
+    dtype: str = ""
+    sample_crc32: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"shape": list(self.shape), "crc32": self.crc32, "stored_bytes": self.stored_bytes}
+        if self.dtype:
+            data["dtype"] = self.dtype
+        if self.sample_crc32:
+            data["sample_crc32"] = list(self.sample_crc32)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ArrayRecord":
+        return cls(
+            shape=tuple(int(s) for s in data["shape"]),
+            crc32=int(data["crc32"]),
+            stored_bytes=int(data["stored_bytes"]),
+            dtype=str(data.get("dtype", "")),
+            sample_crc32=tuple(int(c) for c in data.get("sample_crc32", ())),
+        )
 
 
 @dataclass(frozen=True)
@@ -202,7 +240,7 @@ class PartSeal:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["nonfinite_records"] = list(self.nonfinite_records)
-        data["arrays"] = {k: {**asdict(v), "shape": list(v.shape)} for k, v in self.arrays.items()}
+        data["arrays"] = {k: v.to_dict() for k, v in self.arrays.items()}
         data["assistant_token_counts"] = {str(k): v for k, v in self.assistant_token_counts.items()}
         return data
 
@@ -210,10 +248,7 @@ class PartSeal:
     def from_dict(cls, data: dict[str, Any]) -> "PartSeal":
         values = dict(data)
         values["nonfinite_records"] = tuple(data["nonfinite_records"])
-        values["arrays"] = {
-            k: ArrayRecord(shape=tuple(v["shape"]), crc32=int(v["crc32"]), stored_bytes=int(v["stored_bytes"]))
-            for k, v in data["arrays"].items()
-        }
+        values["arrays"] = {k: ArrayRecord.from_dict(v) for k, v in data["arrays"].items()}
         values["assistant_token_counts"] = {int(k): int(v) for k, v in data["assistant_token_counts"].items()}
         return cls(**values)
 
@@ -230,14 +265,57 @@ def write_seal(cache_dir: Path, seal: PartSeal) -> None:
     write_json_atomic(seal_path(cache_dir, seal.name), seal.to_dict())
 
 
-def read_sealed_parts(cache_dir: Path) -> list[PartSeal]:
-    """Every sealed part, in index order.  Refuses gaps: parts are sealed strictly in order."""
-    seals = sorted(Path(cache_dir, PARTS_DIR).glob("part-*.json"))
-    parts = [PartSeal.from_dict(read_json(path)) for path in seals]
+def read_seal(path: Path) -> PartSeal:
+    try:
+        return PartSeal.from_dict(read_json(path))
+    except FileNotFoundError as err:
+        raise CacheError(f"{path}: the part's seal is missing") from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise CacheError(f"{path}: the part's seal is damaged ({err})") from err
+
+
+def read_sealed_parts(worker_dir: Path) -> list[PartSeal]:
+    """Every sealed part of one worker directory (the cache root for a single worker), in index
+    order.  Refuses gaps: a worker seals its parts strictly in order.  Temp files of an
+    interrupted atomic write start with a dot and are not seals."""
+    seals = sorted(Path(worker_dir, PARTS_DIR).glob("part-*.json"))
+    parts = [read_seal(path) for path in seals]
     for expected, part in enumerate(parts):
         if part.index != expected:
-            raise CacheError(f"{cache_dir}: part {expected} is missing its seal but {part.name} has one")
+            raise CacheError(f"{worker_dir}: part {expected} is missing its seal but {part.name} has one")
     return parts
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """``worker.json``: written by a worker after its last part is sealed."""
+
+    shard_index: int
+    num_shards: int
+    n_parts: int
+    n_samples: int
+    n_tokens: int
+    source_stats: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WorkerRecord":
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
+
+
+def worker_file(worker_dir: Path) -> Path:
+    return Path(worker_dir) / WORKER_FILE
+
+
+def part_group_path(cache_dir: str | Path, entry: dict[str, Any]) -> Path:
+    """The Zarr group of a manifest part entry (v1 entries have no ``path``: ``parts/<name>.zarr``)."""
+    return Path(cache_dir) / entry.get("path", f"{PARTS_DIR}/{entry['name']}.zarr")
+
+
+def part_seal_path(cache_dir: str | Path, entry: dict[str, Any]) -> Path:
+    return part_group_path(cache_dir, entry).with_suffix(".json")
 
 
 @dataclass(frozen=True)
@@ -284,7 +362,35 @@ class CacheManifest:
         return self.stored_bytes / max(self.n_tokens, 1)
 
 
-def build_manifest(spec: ExtractSpec, seals: list[PartSeal], arrays: dict[str, dict[str, str]]) -> CacheManifest:
+@dataclass(frozen=True)
+class PartLocation:
+    """Where a sealed part sits in the cache: its unique name, its group path relative to the
+    cache root, and the worker that wrote it."""
+
+    name: str
+    path: str
+    worker: int = 0
+
+
+def local_location(seal: PartSeal, worker_relpath: str = "", worker: int = 0) -> PartLocation:
+    prefix = f"{worker_relpath}/" if worker_relpath else ""
+    name = f"{worker_relpath.rsplit('/', 1)[-1]}/{seal.name}" if worker_relpath else seal.name
+    return PartLocation(name=name, path=f"{prefix}{PARTS_DIR}/{seal.name}.zarr", worker=worker)
+
+
+def build_manifest(
+    spec: ExtractSpec,
+    seals: list[PartSeal],
+    arrays: dict[str, dict[str, str]],
+    *,
+    locations: list[PartLocation] | None = None,
+    source_stats: dict[str, int] | None = None,
+) -> CacheManifest:
+    """The cache manifest over ``seals`` in global order (``locations`` default to the
+    single-worker layout; ``source_stats`` to the last seal's)."""
+    locations = locations if locations is not None else [local_location(s) for s in seals]
+    if len(locations) != len(seals):
+        raise ValueError("build_manifest needs one location per seal")
     counts: dict[int, int] = {}
     dropped: dict[str, int] = {}
     nonfinite: list[int] = []
@@ -300,13 +406,14 @@ def build_manifest(spec: ExtractSpec, seals: list[PartSeal], arrays: dict[str, d
         settings=spec.settings,
         layer_convention=spec.layer_convention,
         parts=tuple(
-            {"name": s.name, "n_samples": s.n_samples, "n_tokens": s.n_tokens} for s in seals
+            {"name": loc.name, "path": loc.path, "worker": loc.worker, "n_samples": s.n_samples, "n_tokens": s.n_tokens}
+            for loc, s in zip(locations, seals)
         ),
         n_samples=sum(s.n_samples for s in seals),
         n_tokens=sum(s.n_tokens for s in seals),
         n_assistant_tokens=sum(s.n_assistant_tokens for s in seals),
         stored_bytes=sum(a.stored_bytes for s in seals for a in s.arrays.values()),
-        source_stats=dict(seals[-1].source_stats) if seals else {},
+        source_stats=dict(source_stats if source_stats is not None else (seals[-1].source_stats if seals else {})),
         dropped=dropped,
         nonfinite_records=tuple(nonfinite),
         assistant_token_counts=dict(sorted(counts.items())),
@@ -325,14 +432,30 @@ def read_manifest(cache_dir: str | Path) -> CacheManifest:
         raise CacheError(f"no feature cache at {cache_dir}: the directory does not exist")
     path = cache_dir / MANIFEST_FILE
     if not path.is_file():
+        workers = cache_dir / WORKERS_DIR
+        if workers.is_dir():
+            done = sorted(p.parent.name for p in workers.glob(f"*/{WORKER_FILE}"))
+            started = sorted(p.name for p in workers.iterdir() if p.is_dir())
+            raise CacheError(
+                f"{cache_dir} is an incomplete multi-worker cache (no {MANIFEST_FILE}): "
+                f"{len(done)} of the {len(started)} started workers finished ({', '.join(done) or 'none'}). "
+                "Rerun the missing `talon extract --shard-index I --num-shards N` workers (each resumes), "
+                "then `talon merge` if the last worker did not merge."
+            )
         if (cache_dir / EXTRACT_SPEC_FILE).is_file():
             raise CacheError(
                 f"{cache_dir} is an incomplete cache (no {MANIFEST_FILE}): its extraction was interrupted. "
                 "Rerun the same `talon extract` command to resume it."
             )
         raise CacheError(f"{cache_dir} is not a Talon feature cache (no {MANIFEST_FILE})")
-    data = read_json(path)
+    try:
+        data = read_json(path)
+    except ValueError as err:
+        raise CacheError(f"{path} is damaged ({err}); rerun `talon merge {cache_dir}` to rewrite it") from err
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise CacheError(f"{path}: schema version {version!r}, this Talon reads version {SCHEMA_VERSION}")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise CacheError(
+            f"{path}: schema version {version!r}, this Talon reads versions "
+            f"{', '.join(str(v) for v in READABLE_SCHEMA_VERSIONS)}"
+        )
     return CacheManifest.from_dict(data)

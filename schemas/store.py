@@ -4,34 +4,48 @@ Each part is written once, whole: every array is a single shard (the sharding co
 inner chunks of about ``INNER_CHUNK_BYTES``, so the writer never rewrites a shard and the reader
 decodes only the inner chunks a sample touches.  Codecs are pinned here, never taken from the
 ambient ``zarr.config``.
+
+Checksums are computed from the bytes handed to Zarr, in one pass per array: a running CRC32
+recorded after every sample (see :class:`schemas.manifest.ArrayRecord`), whose last value is the
+whole array's CRC32.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import zlib
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from schemas.fp8 import dequantize_to_bf16_bits
+from schemas.shard import ShardArray
 from schemas.layout import array_specs
 from schemas.manifest import (
     ArrayRecord,
     CacheError,
     CacheManifest,
+    PartSeal,
     group_path,
+    part_group_path,
+    part_seal_path,
     read_manifest,
+    read_seal,
 )
 
 INNER_CHUNK_BYTES = 1 << 20
+SAMPLE_FIELDS = ("input_ids", "loss_mask", "aux_hidden", "topk_ids", "topk_logprobs", "final_hidden")
 
 
 def _codecs_for(name: str) -> list:
-    if name == "aux_hidden":
+    if name in ("aux_hidden", "final_hidden"):
         # bf16 bit patterns: byte-shuffle + fast zstd gains ~1.25x at several hundred MB/s.
+        # (For fp8 codes, typesize 1 makes the shuffle a no-op: plain fast zstd.)
         return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)]
     return [ZstdCodec(level=3)]
 
@@ -42,25 +56,41 @@ def _inner_rows(row_bytes: int, n_rows: int) -> int:
     return max(1, min(rows, max(n_rows, 1)))
 
 
-def crc32_of(array: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1)) & 0xFFFFFFFF
+def crc32_of(array: np.ndarray, start: int = 0) -> int:
+    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1), start) & 0xFFFFFFFF
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def running_sample_crc32(array: np.ndarray, offsets: np.ndarray) -> tuple[int, ...]:
+    """The running CRC32 after each sample's rows (one pass over the bytes)."""
+    crcs, running = [], 0
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        running = crc32_of(array[start:stop], running)
+        crcs.append(running)
+    return tuple(crcs)
 
 
-def write_part_group(cache_dir: Path, name: str, arrays: dict[str, np.ndarray], vocab_size: int) -> dict[str, ArrayRecord]:
-    """Write one part's arrays into ``parts/<name>.zarr`` and return their checksummed records.
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
-    An existing, unsealed group of the same name (left by a killed run) is replaced.
-    """
-    path = group_path(cache_dir, name)
+
+def write_part_group(
+    worker_dir: Path,
+    name: str,
+    arrays: dict[str, np.ndarray],
+    vocab_size: int,
+    feature_dtype: str = "bf16",
+    teacher: str = "topk",
+) -> dict[str, ArrayRecord]:
+    """Write one part's arrays into ``<worker_dir>/parts/<name>.zarr`` and return their
+    checksummed records.  An existing, unsealed group of the same name (left by a killed run)
+    is replaced."""
+    path = group_path(worker_dir, name)
     if path.exists():
         shutil.rmtree(path)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     records: dict[str, ArrayRecord] = {}
-    for spec in array_specs(vocab_size):
+    offsets = np.asarray(arrays["sample_offsets"], dtype=np.int64)
+    for spec in array_specs(vocab_size, feature_dtype, teacher):
         data = np.ascontiguousarray(arrays[spec.name], dtype=spec.storage_dtype)
         row_bytes = int(data.itemsize * (int(np.prod(data.shape[1:])) if data.ndim > 1 else 1))
         rows = _inner_rows(row_bytes, data.shape[0])
@@ -78,10 +108,13 @@ def write_part_group(cache_dir: Path, name: str, arrays: dict[str, np.ndarray], 
         )
         if data.size:
             array[...] = data
+        sample_crcs = running_sample_crc32(data, offsets) if spec.per_token else ()
         records[spec.name] = ArrayRecord(
             shape=tuple(int(s) for s in data.shape),
-            crc32=crc32_of(data),
-            stored_bytes=_dir_bytes(path / spec.name),
+            crc32=sample_crcs[-1] if sample_crcs else crc32_of(data),
+            stored_bytes=dir_bytes(path / spec.name),
+            dtype=spec.storage_dtype,
+            sample_crc32=sample_crcs,
         )
     return records
 
@@ -94,25 +127,97 @@ class SampleLocation:
     stop: int
 
 
+def resolve_part_names(manifest: CacheManifest, names: set[str] | frozenset[str] | None) -> set[int]:
+    """Indices of the manifest parts named in ``names`` (by name or relative group path).
+    Unknown names are refused, so a typo never silently trains on a damaged part."""
+    if not names:
+        return set()
+    index: dict[str, int] = {}
+    for i, entry in enumerate(manifest.parts):
+        index[entry["name"]] = i
+        path = entry.get("path", f"parts/{entry['name']}.zarr")
+        index[path] = i
+        index[path.removesuffix(".zarr")] = i
+    unknown = sorted(n for n in names if n not in index)
+    if unknown:
+        raise CacheError(
+            f"unknown part(s) {', '.join(unknown)}; the cache's parts are named like "
+            f"{manifest.parts[0]['name'] if manifest.parts else '(none)'} (see `talon validate`)"
+        )
+    return {index[n] for n in names}
+
+
+def manifest_without_parts(cache_dir: Path, manifest: CacheManifest, skip: set[int]) -> CacheManifest:
+    """The manifest as if the parts ``skip`` (indices) were never written: totals and token
+    counts are rebuilt from the remaining parts' seals."""
+    if not skip:
+        return manifest
+    keep = [entry for i, entry in enumerate(manifest.parts) if i not in skip]
+    seals = [read_seal(part_seal_path(cache_dir, entry)) for entry in keep]
+    counts: dict[int, int] = {}
+    for seal in seals:
+        for token, count in seal.assistant_token_counts.items():
+            counts[token] = counts.get(token, 0) + count
+    return replace(
+        manifest,
+        parts=tuple(keep),
+        n_samples=sum(s.n_samples for s in seals),
+        n_tokens=sum(s.n_tokens for s in seals),
+        n_assistant_tokens=sum(s.n_assistant_tokens for s in seals),
+        stored_bytes=sum(a.stored_bytes for s in seals for a in s.arrays.values()),
+        assistant_token_counts=dict(sorted(counts.items())),
+    )
+
+
 class CacheReader:
     """Random access to the samples of a complete cache, without scanning it.
 
     Opening reads the manifest and each part's small ``sample_offsets`` array; the large arrays
-    are opened lazily and read by row range.  Instances pickle (Zarr arrays do), so DataLoader
-    workers can share one.
+    are opened lazily (once) and read by row range.  Instances pickle (Zarr arrays do), so
+    DataLoader workers can share one.
+
+    ``skip_parts`` (names or relative paths, as reported by ``talon validate``) removes those
+    parts: their samples are not served and :attr:`manifest` is rebuilt without them.
+
+    fp8 caches are decoded transparently: ``aux_hidden`` is always returned as uint16 bf16 bit
+    patterns unless ``raw=True`` is passed to the read methods (then the uint8 codes and
+    ``aux_scale`` come back as stored).
+
+    Row ranges are read directly from the shard files (:mod:`schemas.shard`), decoding inner
+    chunks on ``read_threads`` threads; ``direct_reads=False`` goes through zarr instead (same
+    bytes, one core).
     """
 
-    def __init__(self, cache_dir: str | Path, manifest: CacheManifest | None = None):
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        manifest: CacheManifest | None = None,
+        skip_parts: set[str] | None = None,
+        *,
+        direct_reads: bool = True,
+        read_threads: int | None = None,
+    ):
         self.cache_dir = Path(cache_dir)
-        self.manifest = manifest or read_manifest(self.cache_dir)
+        self.direct_reads = direct_reads
+        self.read_threads = read_threads or max(1, min(8, os.cpu_count() or 1))
+        self._pool: ThreadPoolExecutor | None = None
+        self._shards: dict[tuple[int, str], ShardArray | None] = {}
+        full = manifest or read_manifest(self.cache_dir)
+        self.full_manifest = full
+        self.skipped_parts = tuple(sorted(full.parts[i]["name"] for i in resolve_part_names(full, skip_parts)))
+        self.manifest = manifest_without_parts(self.cache_dir, full, resolve_part_names(full, skip_parts))
+        self.feature_dtype = self.manifest.settings.feature_dtype
+        self.teacher = self.manifest.settings.teacher
+        stored = {spec.name for spec in array_specs(self.manifest.target.vocab_size, self.feature_dtype, self.teacher)}
+        self.sample_fields = tuple(name for name in SAMPLE_FIELDS if name in stored)
         self._groups: dict[int, zarr.Group] = {}
+        self._arrays: dict[tuple[int, str], zarr.Array] = {}
         offsets, parts, local = [], [], []
         for index, part in enumerate(self.manifest.parts):
-            group = self._group(index)
-            part_offsets = np.asarray(group["sample_offsets"][...], dtype=np.int64)
+            part_offsets = np.asarray(self._array(index, "sample_offsets")[...], dtype=np.int64)
             if len(part_offsets) != part["n_samples"] + 1 or part_offsets[-1] != part["n_tokens"]:
                 raise CacheError(
-                    f"{group_path(self.cache_dir, part['name'])}: sample_offsets disagree with the manifest "
+                    f"{part_group_path(self.cache_dir, part)}: sample_offsets disagree with the manifest "
                     f"({len(part_offsets) - 1} samples / {part_offsets[-1]} tokens, manifest says "
                     f"{part['n_samples']} / {part['n_tokens']})"
                 )
@@ -127,10 +232,45 @@ class CacheReader:
     def __len__(self) -> int:
         return len(self._part_of)
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_pool"] = None  # thread pools do not pickle; each process makes its own
+        return state
+
+    def _executor(self) -> ThreadPoolExecutor | None:
+        if self.read_threads <= 1:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="talon-read")
+        return self._pool
+
+    def _dequantize(self, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """fp8 codes -> bf16 bits on the calling thread.  (Splitting the per-row decode loop over
+        the read pool measured slower on a 16-core H100 host: the loop is GIL-bound.  A trainer
+        that needs more than ~15k tok/s of 8B-shaped fp8 features should read ``raw=True`` and
+        decode on the GPU with :func:`stage_extract.quant.dequantize_fp8`.)"""
+        return dequantize_to_bf16_bits(codes, scales)
+
+    def _shard(self, index: int, name: str) -> ShardArray | None:
+        key = (index, name)
+        if key not in self._shards:
+            self._shards[key] = ShardArray.open(self.part_path(index) / name) if self.direct_reads else None
+        return self._shards[key]
+
+    def _rows(self, index: int, name: str, rows: slice) -> np.ndarray:
+        shard = self._shard(index, name)
+        if shard is None:
+            return self._array(index, name)[rows]
+        start, stop, _ = rows.indices(shard.shape[0])
+        return shard.read_rows(start, stop, self._executor())
+
+    def part_path(self, index: int) -> Path:
+        return part_group_path(self.cache_dir, self.manifest.parts[index])
+
     def _group(self, index: int) -> zarr.Group:
         group = self._groups.get(index)
         if group is None:
-            path = group_path(self.cache_dir, self.manifest.parts[index]["name"])
+            path = self.part_path(index)
             try:
                 group = zarr.open_group(str(path), mode="r", zarr_format=3)
             except FileNotFoundError as err:
@@ -138,23 +278,57 @@ class CacheReader:
             self._groups[index] = group
         return group
 
+    def _array(self, index: int, name: str) -> zarr.Array:
+        array = self._arrays.get((index, name))
+        if array is None:
+            try:
+                array = self._group(index)[name]
+            except KeyError as err:
+                raise CacheError(f"{self.part_path(index)}: array {name!r} is missing") from err
+            self._arrays[(index, name)] = array
+        return array
+
+    def part_offsets(self, index: int) -> np.ndarray:
+        """``sample_offsets`` of part ``index`` (rows of its samples)."""
+        return self._offsets[index]
+
     def locate(self, sample: int) -> SampleLocation:
         part, local = int(self._part_of[sample]), int(self._local[sample])
         offsets = self._offsets[part]
         return SampleLocation(part, local, int(offsets[local]), int(offsets[local + 1]))
 
-    def read_sample(self, sample: int, names: tuple[str, ...] = ("input_ids", "loss_mask", "aux_hidden", "topk_ids", "topk_logprobs")) -> dict[str, np.ndarray]:
-        """The raw stored rows of one sample (bf16 planes stay uint16 bit patterns)."""
-        loc = self.locate(sample)
-        group = self._group(loc.part)
+    def _read_rows(self, part: int, names: tuple[str, ...], rows: slice, raw: bool, what: str) -> dict[str, np.ndarray]:
+        wanted = list(names)
+        decode = not raw and self.feature_dtype == "fp8" and "aux_hidden" in wanted
+        if self.feature_dtype == "fp8" and "aux_hidden" in wanted and "aux_scale" not in wanted:
+            wanted.append("aux_scale")  # needed to decode, and returned with the raw codes
         try:
-            return {name: group[name][loc.start : loc.stop] for name in names}
+            out = {name: self._rows(part, name, rows) for name in wanted}
+        except CacheError:
+            raise
         except Exception as err:  # zarr raises several codec/IO error types
-            raise CacheError(
-                f"{group_path(self.cache_dir, self.manifest.parts[loc.part]['name'])}: cannot read sample "
-                f"{loc.local_index} ({err})"
-            ) from err
+            raise CacheError(f"{self.part_path(part)}: cannot read {what} ({err})") from err
+        if decode:
+            out["aux_hidden"] = self._dequantize(out["aux_hidden"], out["aux_scale"])
+            if "aux_scale" not in names:
+                del out["aux_scale"]
+        return out
+
+    def read_sample(self, sample: int, names: tuple[str, ...] | None = None, *, raw: bool = False) -> dict[str, np.ndarray]:
+        """The stored rows of one sample (bf16 planes as uint16 bit patterns).
+
+        ``names`` defaults to :attr:`sample_fields` (the per-token features this cache has)."""
+        loc = self.locate(sample)
+        return self._read_rows(loc.part, names or self.sample_fields, slice(loc.start, loc.stop), raw, f"sample {loc.local_index}")
+
+    def read_part(self, index: int, names: tuple[str, ...] | None = None, *, raw: bool = False) -> dict[str, np.ndarray]:
+        """Every row of part ``index`` (sequential, whole-shard decoding); sample ``i`` of the
+        part owns rows ``part_offsets(index)[i]:part_offsets(index)[i+1]``."""
+        return self._read_rows(index, names or self.sample_fields, slice(None), raw, "the part")
 
     def record_index(self, sample: int) -> int:
         loc = self.locate(sample)
-        return int(self._group(loc.part)["record_index"][loc.local_index])
+        return int(self._array(loc.part, "record_index")[loc.local_index])
+
+    def seal(self, index: int) -> PartSeal:
+        return read_seal(part_seal_path(self.cache_dir, self.manifest.parts[index]))

@@ -416,7 +416,7 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _normalise_chat(obj: Any, where: str) -> tuple[dict[str, str], ...]:
+def _normalise_chat(obj: Any, where: str, require_assistant: bool = True) -> tuple[dict[str, str], ...]:
     """Turn one raw JSON object into validated messages.
 
     Raises :class:`DataError` for schema problems and :class:`_Skip` for
@@ -457,7 +457,7 @@ def _normalise_chat(obj: Any, where: str) -> tuple[dict[str, str], ...]:
     # trained without the prompt that caused it. System turns are kept.
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
     messages = [m for i, m in enumerate(messages) if i >= first_user or m["role"] != "assistant"]
-    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+    if require_assistant and not any(m["role"] == "assistant" and m["content"] for m in messages):
         raise _Skip("no_assistant")
     return tuple(messages)
 
@@ -468,6 +468,7 @@ def iter_chat_records(
     skip_bad_records: bool = False,
     stats: RecordStats | None = None,
     limit: int | None = None,
+    require_assistant: bool = True,
 ) -> Iterator[ChatRecord]:
     """Yield normalised conversations from ``source``.
 
@@ -478,7 +479,8 @@ def iter_chat_records(
     inside a JSON *array* is always fatal (no safe resynchronisation point);
     a truncated array tail simply ends the stream. Empty and assistant-less
     conversations are skipped and counted. ``limit`` caps the number of
-    *yielded* records.
+    *yielded* records. ``require_assistant=False`` keeps user-only conversations
+    (regeneration answers them with the target).
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
@@ -493,7 +495,7 @@ def iter_chat_records(
         try:
             if isinstance(obj, DataError):
                 raise obj
-            messages = _normalise_chat(obj, where)
+            messages = _normalise_chat(obj, where, require_assistant)
         except DataError:
             if not skip_bad_records:
                 raise

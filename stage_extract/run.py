@@ -1,9 +1,18 @@
-"""`talon extract`: run the frozen target once over chat data and write the feature cache."""
+"""`talon extract`: run the frozen target once over chat data and write the feature cache.
+
+The main thread tokenises records and queues target forwards; each batch's features are copied
+to the host asynchronously (:mod:`stage_extract.transfer`) and a background thread checks,
+compresses and writes finished parts (:mod:`stage_extract.writer`).  Parts are cut at the same
+records whether or not a run was interrupted, so a resumed run writes the same bytes.  With
+several workers (:mod:`stage_extract.workers`) each extracts its share into its own directory
+and the last one to finish writes the cache manifest.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,89 +20,89 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pipeline.batching import length_sorted_batches
 from pipeline.config import ExtractConfig
 from pipeline.runtime import compute_dtype, resolve_device
-from schemas.layout import SCHEMA_VERSION, TARGET_HEAD_FILE, array_specs
-from schemas.manifest import (
-    CacheManifest,
-    ExtractSettings,
-    ExtractSpec,
-    build_manifest,
-    read_manifest,
-    read_sealed_parts,
-    write_manifest,
-)
+from schemas.layout import FINAL_HIDDEN_CONVENTION, SCHEMA_VERSION, TARGET_HEAD_FILE, has_final_hidden, row_widths
+from schemas.manifest import CacheManifest, ExtractSettings, ExtractSpec, read_manifest, read_sealed_parts
 from stage_extract.cache_dir import prepare_cache_dir
 from stage_extract.chat import tokenize_conversation
-from stage_extract.features import default_aux_layers, extract_batch, validate_aux_layers
+from stage_extract.backends import FeatureBackend, open_backend
+from stage_extract.features import default_aux_layers, validate_aux_layers
 from stage_extract.records import RecordStats, iter_chat_records
-from stage_extract.target import load_target, target_identity
-from stage_extract.writer import BackgroundPartWriter, PartBuilder, SampleFeatures
+from stage_extract.target import load_target, resolve_target, target_identity
+from stage_extract.transfer import HostTransfer
+from stage_extract.workers import Shard, merge_cache, resolve_shard, write_worker_record
+from stage_extract.writer import BackgroundPartWriter, CacheWriteError, PartBuilder, PendingSample, describe_write_error
+
+__all__ = ["PendingSample", "extract_with_model", "launch_part", "run_extract", "save_target_head"]
 
 
-@dataclass
-class PendingSample:
-    record_index: int
-    input_ids: np.ndarray
-    loss_mask: np.ndarray
-
-
-def save_target_head(cache_dir: Path, model) -> None:
-    """Store the target's input embedding once per cache, so training never loads the target."""
+def save_target_head(cache_dir: Path, model, teacher: str = "topk") -> None:
+    """Store the target's input embedding once per cache, so training never loads the target;
+    with a final-hidden teacher also its final norm and LM head (``rms_norm_eps`` goes in the
+    file's metadata).  Written to a unique temp file and renamed, so concurrent workers and a
+    kill at any point leave either no file or a whole one."""
     path = Path(cache_dir) / TARGET_HEAD_FILE
     if path.is_file():
         return
-    tmp = path.with_suffix(".tmp")
-    weight = model.get_input_embeddings().weight.detach().to("cpu").contiguous()
-    save_file({"embed_tokens.weight": weight}, str(tmp))
-    tmp.replace(path)
+    tensors = {"embed_tokens.weight": model.get_input_embeddings().weight.detach().to("cpu").contiguous().clone()}
+    metadata = {"rms_norm_eps": repr(float(getattr(model.config, "rms_norm_eps", 1e-6)))}
+    if has_final_hidden(teacher):
+        tensors["norm.weight"] = model.model.norm.weight.detach().to("cpu").contiguous().clone()
+        tensors["lm_head.weight"] = model.get_output_embeddings().weight.detach().to("cpu").contiguous().clone()
+        metadata["final_hidden"] = FINAL_HIDDEN_CONVENTION
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise CacheWriteError(describe_write_error(err, path, "writing")) from err
 
 
-def compute_part(model, builder: PartBuilder, pending: list[PendingSample], cfg: ExtractConfig, layer_ids, device) -> int:
-    """Run the target over one part's samples (length-sorted batches) and fill ``builder``
-    in record order.  Returns the number of tokens processed."""
-    lengths = np.array([len(p.input_ids) for p in pending])
-    results: dict[int, SampleFeatures | None] = {}
-    for batch in length_sorted_batches(lengths, cfg.batch_tokens):
-        width = int(lengths[batch].max())
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, sample in enumerate(batch):
-            n = int(lengths[sample])
-            ids[row, :n] = torch.from_numpy(pending[sample].input_ids)
-            mask[row, :n] = 1
-        features = extract_batch(model, ids.to(device), mask.to(device), layer_ids=layer_ids, top_k=cfg.top_k)
-        aux = features.aux_hidden.cpu()
-        top_ids = features.topk_ids.cpu()
-        top_lp = features.topk_logprobs.cpu()
-        start = 0
-        for sample, n in zip(batch, features.lengths):
-            rows = slice(start, start + n)
-            start += n
-            finite = bool(torch.isfinite(aux[rows]).all()) and bool(torch.isfinite(top_lp[rows]).all())
-            item = pending[sample]
-            results[int(sample)] = SampleFeatures(
-                record_index=item.record_index,
-                input_ids=item.input_ids,
-                loss_mask=item.loss_mask,
-                aux_hidden=aux[rows].view(torch.int16).numpy().view(np.uint16),
-                topk_ids=top_ids[rows].numpy(),
-                topk_logprobs=top_lp[rows].numpy(),
-            ) if finite else None
-    for position, item in enumerate(pending):
-        features = results[position]
-        if features is None:
-            builder.drop(item.record_index, "nonfinite")
-        else:
-            builder.samples.append(features)
-    return int(lengths.sum())
+def launch_part(backend: FeatureBackend, builder: PartBuilder, transfer: HostTransfer) -> int:
+    """Queue the backend over the part's pending samples; each batch's features go to
+    ``builder.batches`` as a :class:`HostBatch` (possibly still copying). Returns the tokens queued."""
+    samples = [(p.record_index, p.input_ids) for p in builder.pending]
+    for batch in backend.feature_batches(samples):
+        builder.batches.append(transfer.submit(batch.planes, batch.lengths, batch.positions))
+    return sum(len(p.input_ids) for p in builder.pending)
+
+
+def writer_parallelism(device: torch.device) -> dict[str, int]:
+    """Part-writer threads: one on CPU (the cores run the target), several on a GPU host, where
+    compression and checksums of ~1 GB/s of features need more than one core."""
+    if device.type != "cuda":
+        return {"threads": 1, "max_pending": 2}
+    threads = max(1, min(6, (os.cpu_count() or 2) // 2))
+    return {"threads": threads, "max_pending": 2}
+
+
+def _local_device(device: torch.device) -> torch.device:
+    """Under torchrun, each worker takes the GPU of its LOCAL_RANK."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
 
 
 def run_extract(cfg: ExtractConfig) -> dict:
-    device = resolve_device(cfg.device)
+    device = _local_device(resolve_device(cfg.device))
     dtype = compute_dtype(device)
-    tokenizer, model = load_target(cfg.target, device=device, dtype=dtype)
+    # With vLLM the engine owns the GPU; the HF model is only needed for the tokenizer, the
+    # target identity and the stored embedding, so it stays on the CPU (in the GPU's dtype, so
+    # the weights fingerprint matches an HF-backend cache of the same target).
+    load_device = torch.device("cpu") if cfg.backend == "vllm" else device
+    tokenizer, model = load_target(cfg.target, device=load_device, dtype=dtype)
+    return extract_with_model(cfg, tokenizer, model, device=device, dtype=dtype)
+
+
+def extract_with_model(cfg: ExtractConfig, tokenizer, model, *, device: torch.device, dtype: torch.dtype) -> dict:
+    """The extraction itself, for a loaded target (benchmarks pass a random-weight model)."""
+    shard = resolve_shard(cfg.shard_index, cfg.num_shards)
     num_layers = int(model.config.num_hidden_layers)
     layer_ids = validate_aux_layers(tuple(cfg.layers) if cfg.layers else default_aux_layers(num_layers), num_layers)
     if cfg.top_k > model.config.vocab_size:
@@ -109,50 +118,83 @@ def run_extract(cfg: ExtractConfig) -> dict:
         skip_bad_records=cfg.skip_bad_records,
         compute_dtype=str(dtype).removeprefix("torch."),
         device_type=device.type,
+        feature_dtype=cfg.feature_dtype,
+        teacher=cfg.teacher,
+        num_shards=shard.count,
     )
     spec = ExtractSpec(SCHEMA_VERSION, target_identity(cfg.target, model, tokenizer), settings)
     out = Path(cfg.out)
-    state = prepare_cache_dir(out, spec)
-    if state.complete:
-        return summarize(read_manifest(out), out, resumed_parts=len(state.seals), seconds=0.0, tokens_computed=0)
-    save_target_head(out, model)
+    state = prepare_cache_dir(out, spec, shard)
+    started = time.perf_counter()
+    tokens_computed = 0
+    if not state.complete:
+        save_target_head(out, model, cfg.teacher)
+        backend = open_backend(
+            cfg.backend, model=model, target_path=resolve_target(cfg.target), layer_ids=layer_ids, top_k=cfg.top_k,
+            batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, device=device,
+            feature_dtype=cfg.feature_dtype, teacher=cfg.teacher,
+            vllm_options=vllm_options(cfg) if cfg.backend == "vllm" else None,
+        )
+        try:
+            tokens_computed = _extract_shard(cfg, tokenizer, backend, int(model.config.vocab_size),
+                                             int(model.config.hidden_size), shard, state)
+        finally:
+            backend.close()
+    seconds = time.perf_counter() - started
+    try:
+        manifest = merge_cache(out, require_complete=False) if not state.merged or not state.complete else read_manifest(out)
+    except OSError as err:
+        raise CacheWriteError(describe_write_error(err, out, "writing the manifest of")) from err
+    summary = summarize(manifest, out, shard, state, seconds=seconds, tokens_computed=tokens_computed)
+    return summary
 
+
+def vllm_options(cfg: ExtractConfig):
+    from stage_extract.vllm_backend import VLLMOptions
+
+    return VLLMOptions(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size)
+
+
+def _extract_shard(cfg: ExtractConfig, tokenizer, backend: FeatureBackend, vocab_size: int, hidden_size: int, shard: Shard, state) -> int:
+    """Extract this worker's unsealed records; returns the tokens computed."""
     started = time.perf_counter()
     stats = RecordStats()
-    writer = BackgroundPartWriter(out, int(model.config.vocab_size))
+    widths = row_widths(hidden_size, cfg.top_k, cfg.feature_dtype, cfg.teacher)
+    writer = BackgroundPartWriter(state.worker_dir, vocab_size, cfg.feature_dtype, cfg.teacher, **writer_parallelism(backend.device))
+    transfer = HostTransfer(backend.device)
     builder: PartBuilder | None = None
-    pending: list[PendingSample] = []
     pending_tokens = 0
     tokens_computed = 0
     next_part = state.next_part
-    bar = tqdm(total=cfg.max_samples, desc="extract", unit="rec", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_samples, desc=f"extract {shard.name}" if shard.count > 1 else "extract",
+               unit="rec", disable=not cfg.progress, dynamic_ncols=True)
 
     def flush() -> None:
-        nonlocal builder, pending, pending_tokens, tokens_computed, next_part
+        nonlocal builder, pending_tokens, tokens_computed, next_part
         if builder is None:
             return
-        tokens_computed += compute_part(model, builder, pending, cfg, layer_ids, device)
+        tokens_computed += launch_part(backend, builder, transfer)
         writer.submit(builder, stats.as_dict())
         elapsed = max(time.perf_counter() - started, 1e-9)
         bar.set_postfix(parts=next_part + 1, tok_s=f"{tokens_computed / elapsed:,.0f}")
         next_part += 1
-        builder, pending, pending_tokens = None, [], 0
+        builder, pending_tokens = None, 0
 
     try:
         records = iter_chat_records(cfg.data, skip_bad_records=cfg.skip_bad_records, stats=stats, limit=cfg.max_samples)
         for record in records:
             bar.update(1)
-            if record.record_index <= state.last_record:
-                continue  # sealed by an earlier run
+            if record.record_index <= state.last_record or not shard.owns(record.record_index):
+                continue  # sealed by an earlier run, or another worker's
             if builder is None:
-                builder = PartBuilder(index=next_part, first_record=record.record_index)
+                builder = PartBuilder(index=next_part, first_record=record.record_index, widths=widths)
             builder.records_consumed += 1
             builder.last_record = record.record_index
             tokens = tokenize_conversation(tokenizer, record.messages, max_length=cfg.max_length)
             if tokens is None:
                 builder.drop(record.record_index, "no_assistant_after_truncation")
                 continue
-            pending.append(PendingSample(record.record_index, tokens.input_ids.astype(np.int64), tokens.loss_mask.astype(np.uint8)))
+            builder.pending.append(PendingSample(record.record_index, tokens.input_ids.astype(np.int64), tokens.loss_mask.astype(np.uint8)))
             pending_tokens += len(tokens.input_ids)
             if pending_tokens >= cfg.part_tokens:
                 flush()
@@ -160,28 +202,51 @@ def run_extract(cfg: ExtractConfig) -> dict:
     finally:
         bar.close()
         writer.close()
-    seals = read_sealed_parts(out)
-    arrays = {s.name: {"storage": s.storage_dtype, "logical": s.logical_dtype} for s in array_specs(int(model.config.vocab_size))}
-    manifest = build_manifest(spec, seals, arrays)
-    if manifest.n_samples == 0:
-        raise ValueError(f"no usable samples in {cfg.data!r}: {manifest.source_stats} {manifest.dropped}")
-    write_manifest(out, manifest)
-    return summarize(manifest, out, resumed_parts=len(state.seals), seconds=time.perf_counter() - started, tokens_computed=tokens_computed)
+    try:
+        write_worker_record(state.worker_dir, shard, read_sealed_parts(state.worker_dir), stats.as_dict())
+    except OSError as err:
+        raise CacheWriteError(describe_write_error(err, state.worker_dir, "writing the worker record of")) from err
+    return tokens_computed
 
 
-def summarize(manifest: CacheManifest, out: Path, *, resumed_parts: int, seconds: float, tokens_computed: int) -> dict:
-    return {
+def summarize(manifest: CacheManifest | None, out: Path, shard: Shard, state, *, seconds: float, tokens_computed: int) -> dict:
+    """What the command prints: the cache when it is merged, else this worker's share."""
+    rate = round(tokens_computed / seconds, 1) if seconds > 0 and tokens_computed else None
+    common = {
         "cache": str(out),
+        "worker": f"{shard.index} of {shard.count}",
+        "merged": manifest is not None,
+        "resumed_parts": len(state.seals),
+        "seconds": round(seconds, 2),
+        "tokens_per_second": rate,
+    }
+    if manifest is None:
+        seals = read_sealed_parts(state.worker_dir)
+        return {
+            **common,
+            "target": None,
+            "samples": sum(s.n_samples for s in seals),
+            "tokens": sum(s.n_tokens for s in seals),
+            "assistant_tokens": sum(s.n_assistant_tokens for s in seals),
+            "parts": len(seals),
+            "bytes_per_token": None,
+            "stored_bytes": sum(a.stored_bytes for s in seals for a in s.arrays.values()),
+            "source_stats": seals[-1].source_stats if seals else {},
+            "dropped": {},
+            "note": "other workers are still running; the last one to finish (or `talon merge`) writes the manifest",
+        }
+    return {
+        **common,
         "target": manifest.target.source,
         "samples": manifest.n_samples,
         "tokens": manifest.n_tokens,
         "assistant_tokens": manifest.n_assistant_tokens,
         "parts": len(manifest.parts),
-        "resumed_parts": resumed_parts,
         "bytes_per_token": round(manifest.bytes_per_token, 1),
         "stored_bytes": manifest.stored_bytes,
         "source_stats": manifest.source_stats,
         "dropped": manifest.dropped,
-        "seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens_computed / seconds, 1) if seconds > 0 else None,
+        "feature_dtype": manifest.settings.feature_dtype,
+        "teacher": manifest.settings.teacher,
     }
+

@@ -1,13 +1,17 @@
 """Turning computed samples into sealed parts, off the critical path.
 
-:class:`PartBuilder` gathers finished samples of one part in record order.
-:class:`BackgroundPartWriter` writes parts (Zarr group, then seal) in a worker thread behind a
-bounded queue, so the target keeps computing while the previous part is compressed and written.
-An error in the worker surfaces in the caller at the next ``submit`` or at ``close``.
+:class:`PartBuilder` gathers one part: its tokenised samples (in record order), the host
+batches their features arrive in (possibly still being copied from the GPU), and the
+bookkeeping its seal needs.  :class:`BackgroundPartWriter` finishes parts in a worker thread
+behind a bounded queue: it waits for the copies, drops samples with non-finite features,
+concatenates, writes the Zarr group and then the seal, so the target keeps computing while the
+previous part is checked, compressed and written.  An error in the worker surfaces in the
+caller at the next ``submit`` or at ``close``.
 """
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -18,6 +22,13 @@ import numpy as np
 from schemas.layout import part_name
 from schemas.manifest import PartSeal, write_seal
 from schemas.store import write_part_group
+from stage_extract.transfer import HostBatch
+
+FEATURE_PLANES = ("aux_hidden", "aux_scale", "topk_ids", "topk_logprobs", "final_hidden")
+
+
+class CacheWriteError(RuntimeError):
+    """Writing a part failed (full disk, unwritable path, ...); sealed parts stay valid."""
 
 
 @dataclass
@@ -25,14 +36,32 @@ class SampleFeatures:
     record_index: int
     input_ids: np.ndarray
     loss_mask: np.ndarray
-    aux_hidden: np.ndarray  # uint16 bf16 bits, [T, 3H]
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
+    aux_hidden: np.ndarray  # uint16 bf16 bits [T, 3H], or uint8 fp8 codes
+    topk_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
+    aux_scale: np.ndarray | None = None  # [T, 3] float32 (fp8 only)
+    final_hidden: np.ndarray | None = None  # uint16 bf16 bits [T, H]
+
+
+@dataclass
+class PendingSample:
+    """A tokenised sample waiting for its features."""
+
+    record_index: int
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+
+
+_EMPTY_DTYPES = {"aux_hidden": np.uint16, "aux_scale": np.float32, "topk_ids": np.int64,
+                 "topk_logprobs": np.float32, "final_hidden": np.uint16}
 
 
 @dataclass
 class PartBuilder:
-    """One part's samples plus the bookkeeping its seal needs."""
+    """One part's samples plus the bookkeeping its seal needs.
+
+    ``widths`` (elements per token row of each feature plane, see
+    :func:`schemas.layout.row_widths`) shapes the arrays of a part left without samples."""
 
     index: int
     first_record: int
@@ -41,11 +70,45 @@ class PartBuilder:
     nonfinite_records: list[int] = field(default_factory=list)
     records_consumed: int = 0
     last_record: int = -1
+    pending: list[PendingSample] = field(default_factory=list)
+    batches: list[HostBatch] = field(default_factory=list)
+    widths: dict[str, int] = field(default_factory=dict)
 
     def drop(self, record_index: int, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         if reason == "nonfinite":
             self.nonfinite_records.append(record_index)
+
+    def collect(self) -> None:
+        """Turn the pending samples and their host batches into :attr:`samples`, in record
+        order, refusing (dropping and listing) every sample with a non-finite feature."""
+        if not self.pending:
+            return
+        features: dict[int, SampleFeatures | None] = {}
+        for batch in self.batches:
+            batch.wait()
+            planes = {name: batch.numpy(name) for name in batch.tensors}
+            start = 0
+            for position, n in zip(batch.samples, batch.lengths):
+                rows = slice(start, start + n)
+                start += n
+                item = self.pending[position]
+                if not bool(planes["finite"][rows].all()):
+                    features[position] = None
+                    continue
+                features[position] = SampleFeatures(
+                    record_index=item.record_index,
+                    input_ids=item.input_ids,
+                    loss_mask=item.loss_mask,
+                    **{name: planes[name][rows] for name in FEATURE_PLANES if name in planes},
+                )
+        for position, item in enumerate(self.pending):
+            sample = features[position]
+            if sample is None:
+                self.drop(item.record_index, "nonfinite")
+            else:
+                self.samples.append(sample)
+        self.pending, self.batches = [], []
 
     def arrays(self) -> dict[str, np.ndarray]:
         lengths = [len(s.input_ids) for s in self.samples]
@@ -56,15 +119,16 @@ class PartBuilder:
             parts = [getattr(s, name) for s in self.samples]
             return np.concatenate(parts) if parts else np.zeros(empty_shape, dtype)
 
-        return {
+        arrays = {
             "input_ids": cat("input_ids", (0,), np.int64),
             "loss_mask": cat("loss_mask", (0,), np.uint8),
-            "aux_hidden": cat("aux_hidden", (0, 0), np.uint16),
-            "topk_ids": cat("topk_ids", (0, 0), np.int64),
-            "topk_logprobs": cat("topk_logprobs", (0, 0), np.float32),
             "sample_offsets": offsets,
             "record_index": np.asarray([s.record_index for s in self.samples], dtype=np.int64),
         }
+        present = [n for n in FEATURE_PLANES if (self.samples and getattr(self.samples[0], n) is not None) or n in self.widths]
+        for name in present:
+            arrays[name] = cat(name, (0, self.widths.get(name, 0)), _EMPTY_DTYPES[name])
+        return arrays
 
     def seal(self, arrays: dict[str, np.ndarray], records, source_stats: dict[str, int]) -> PartSeal:
         mask = arrays["loss_mask"].astype(bool)
@@ -86,17 +150,45 @@ class PartBuilder:
         )
 
 
-class BackgroundPartWriter:
-    """Writes parts in a worker thread; at most ``max_pending`` parts wait in memory."""
+def describe_write_error(err: BaseException, where: Path, action: str = "writing a part under") -> str:
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        cause = f"the disk is full ({err})"
+    elif isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        cause = f"the path is not writable ({err})"
+    else:
+        cause = f"{type(err).__name__}: {err}"
+    return (
+        f"{action} {where} failed: {cause}. Every sealed part is intact and no manifest "
+        "was written; fix the cause and rerun the same command to resume."
+    )
 
-    def __init__(self, cache_dir: Path, vocab_size: int, max_pending: int = 2):
-        self._cache_dir = Path(cache_dir)
+
+class BackgroundPartWriter:
+    """Finishes and writes parts in ``threads`` worker threads; seals them strictly in order.
+
+    Zarr encodes one array on one core, so on a GPU host one writer thread caps extraction at
+    ~200 MB/s of features; several threads write several parts at once (each part is its own
+    directory) and a sequencer writes the seals in index order, so a crash can never leave a
+    sealed part after an unsealed one.  At most ``threads + max_pending`` parts are in memory.
+    After an error no further part is sealed.
+    """
+
+    def __init__(self, worker_dir: Path, vocab_size: int, feature_dtype: str = "bf16", teacher: str = "topk",
+                 max_pending: int = 2, threads: int = 1):
+        self._dir = Path(worker_dir)
         self._vocab_size = vocab_size
+        self._feature_dtype = feature_dtype
+        self._teacher = teacher
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
+        self._turn = threading.Condition()
+        self._next_seal: int | None = None  # index of the part whose seal is due next
         self.sealed: list[PartSeal] = []
-        self._thread = threading.Thread(target=self._work, name="talon-part-writer", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"talon-part-writer-{i}", daemon=True) for i in range(max(1, threads))
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def _work(self) -> None:
         while True:
@@ -107,23 +199,41 @@ class BackgroundPartWriter:
                 continue
             builder, source_stats = item
             try:
+                builder.collect()
                 arrays = builder.arrays()
-                records = write_part_group(self._cache_dir, part_name(builder.index), arrays, self._vocab_size)
+                records = write_part_group(
+                    self._dir, part_name(builder.index), arrays, self._vocab_size,
+                    feature_dtype=self._feature_dtype, teacher=self._teacher,
+                )
                 seal = builder.seal(arrays, records, source_stats)
-                write_seal(self._cache_dir, seal)
-                self.sealed.append(seal)
+                with self._turn:
+                    self._turn.wait_for(lambda: self._error is not None or self._next_seal == builder.index)
+                    if self._error is not None:
+                        continue
+                    write_seal(self._dir, seal)
+                    self.sealed.append(seal)
+                    self._next_seal = builder.index + 1
+                    self._turn.notify_all()
             except BaseException as err:  # surfaced to the caller, never swallowed
-                self._error = err
+                with self._turn:
+                    if self._error is None:
+                        self._error = err
+                    self._turn.notify_all()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"writing a part under {self._cache_dir} failed: {self._error}") from self._error
+            raise CacheWriteError(describe_write_error(self._error, self._dir)) from self._error
 
     def submit(self, builder: PartBuilder, source_stats: dict[str, int]) -> None:
         self._raise_if_failed()
+        with self._turn:
+            if self._next_seal is None:
+                self._next_seal = builder.index
         self._queue.put((builder, dict(source_stats)))
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
         self._raise_if_failed()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "DraftVocabLogits",
     "Eagle3StepMetrics",
     "Eagle3TrainerModule",
     "SparseTargetDistribution",
@@ -91,6 +92,32 @@ class SparseTargetDistribution:
         return self.draft_ids.gather(-1, best).squeeze(-1)
 
 
+@dataclass
+class DraftVocabLogits:
+    """Exact teacher recomputed from the target's final hidden state (see ``stage_train.teacher``).
+
+    ``logits`` [B, T, V_d] are the target's logits of the draft-vocab tokens, columns in the
+    ``selected_token_ids`` (``lm_head`` row) order; ``argmax_in_draft`` [B, T] bool says whether
+    the target's FULL-vocab greedy token is in the draft vocab (computed by streaming over the
+    vocab, so no [B, T, V] tensor exists).  Unshifted like the other forms; shift it with
+    ``_shift_left_with_zero``.
+    """
+
+    logits: torch.Tensor
+    argmax_in_draft: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.logits.dim() != 3 or self.argmax_in_draft.shape != self.logits.shape[:2]:
+            raise ValueError(
+                "DraftVocabLogits.logits must be [B, T, V_d] and .argmax_in_draft [B, T], got "
+                f"{tuple(self.logits.shape)} and {tuple(self.argmax_in_draft.shape)}"
+            )
+
+    def shift_left(self) -> "DraftVocabLogits":
+        """Shift both fields one slot left along T, zero-filling the tail (False for the flag)."""
+        return DraftVocabLogits(_shift_tensor_left(self.logits), _shift_tensor_left(self.argmax_in_draft))
+
+
 TargetDistribution = Union[torch.Tensor, SparseTargetDistribution]
 
 
@@ -100,15 +127,18 @@ def _shift_left_with_zero(tensor: torch.Tensor) -> torch.Tensor: ...
 def _shift_left_with_zero(tensor: TopKLogProbs) -> TopKLogProbs: ...
 @overload
 def _shift_left_with_zero(tensor: SparseTargetDistribution) -> SparseTargetDistribution: ...
+@overload
+def _shift_left_with_zero(tensor: DraftVocabLogits) -> DraftVocabLogits: ...
 def _shift_left_with_zero(
-    tensor: torch.Tensor | TopKLogProbs | SparseTargetDistribution,
-) -> torch.Tensor | TopKLogProbs | SparseTargetDistribution:
+    tensor: torch.Tensor | TopKLogProbs | SparseTargetDistribution | DraftVocabLogits,
+) -> torch.Tensor | TopKLogProbs | SparseTargetDistribution | DraftVocabLogits:
     """Shift a batched sequence tensor left and zero-fill the tail.
 
     Works along dim 1 for any rank >= 2 and any dtype (zero is ``False`` for bool), and
-    also for ``TopKLogProbs`` / ``SparseTargetDistribution`` (both fields shifted).
+    also for ``TopKLogProbs`` / ``SparseTargetDistribution`` / ``DraftVocabLogits`` (both
+    fields shifted).
     """
-    if isinstance(tensor, (TopKLogProbs, SparseTargetDistribution)):
+    if isinstance(tensor, (TopKLogProbs, SparseTargetDistribution, DraftVocabLogits)):
         return tensor.shift_left()
     return _shift_tensor_left(tensor)
 
@@ -127,7 +157,7 @@ def build_target_to_draft_index(selected_token_ids: torch.Tensor, vocab_size: in
 
 @torch.no_grad()
 def _compute_target_distribution(
-    target_logits: torch.Tensor | TopKLogProbs,
+    target_logits: torch.Tensor | TopKLogProbs | DraftVocabLogits,
     selected_token_ids: torch.Tensor,
     selected_token_mask: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -147,11 +177,24 @@ def _compute_target_distribution(
     entries; no [B, T, V] tensor is built. ``target_to_draft_index`` (see
     ``build_target_to_draft_index``) may be passed to avoid rebuilding it per call.
 
+    ``DraftVocabLogits``: the logits are already the draft-vocab columns and the greedy
+    token's membership is given, so ``position_mask = argmax_in_draft & loss_mask`` and
+    ``target_probs = softmax_fp32(logits)`` [B, T, V_d] (the same result as dense logits).
+
     Probabilities are fp32 (fp64 inputs stay fp64). Runs under ``no_grad``; everything
     returned is detached.
     """
     loss_mask = loss_mask.bool()
     selected_token_mask = selected_token_mask.bool()
+    if isinstance(target_logits, DraftVocabLogits):
+        if target_logits.logits.shape[-1] != selected_token_ids.numel():
+            raise ValueError(
+                f"DraftVocabLogits has {target_logits.logits.shape[-1]} columns, the draft vocab "
+                f"{selected_token_ids.numel()}"
+            )
+        position_mask = target_logits.argmax_in_draft.bool() & loss_mask
+        target_probs = torch.softmax(_at_least_fp32(target_logits.logits), dim=-1).detach()
+        return target_probs, position_mask
     if isinstance(target_logits, TopKLogProbs):
         token_ids = target_logits.token_ids.long()
         logprobs = _at_least_fp32(target_logits.logprobs)
@@ -284,7 +327,7 @@ class Eagle3TrainerModule(nn.Module):
         attention_mask: torch.Tensor,
         loss_mask: torch.Tensor,
         aux_hidden_states: torch.Tensor,
-        target_logits: torch.Tensor | TopKLogProbs,
+        target_logits: torch.Tensor | TopKLogProbs | DraftVocabLogits,
         *,
         position_ids: torch.Tensor | None = None,
     ) -> Eagle3StepMetrics:

@@ -25,71 +25,81 @@ from schemas.store import CacheReader
 FEATURE_ARRAYS = ("input_ids", "loss_mask", "aux_hidden", "topk_ids", "topk_logprobs")
 
 
+BATCH_TENSORS = ("input_ids", "attention_mask", "loss_mask", "aux_hidden_states", "topk_ids", "topk_logprobs", "final_hidden")
+
+
 @dataclass
 class FeatureBatch:
-    """A padded batch as stored (nothing shifted yet)."""
+    """A padded batch as stored (nothing shifted yet).  The teacher is the cached top-k, the
+    pre-norm final hidden state, or both, depending on what the cache holds and was asked for."""
 
     input_ids: torch.Tensor  # [B, T] int64
     attention_mask: torch.Tensor  # [B, T] int64
     loss_mask: torch.Tensor  # [B, T] bool
     aux_hidden_states: torch.Tensor  # [B, T, 3H] bfloat16
-    topk_ids: torch.Tensor  # [B, T, k] int64
-    topk_logprobs: torch.Tensor  # [B, T, k] float32
+    topk_ids: torch.Tensor | None  # [B, T, k] int64
+    topk_logprobs: torch.Tensor | None  # [B, T, k] float32
     n_tokens: int
+    final_hidden: torch.Tensor | None = None  # [B, T, H] bfloat16
+
+    def _map(self, fn) -> "FeatureBatch":
+        values = {name: (None if getattr(self, name) is None else fn(getattr(self, name))) for name in BATCH_TENSORS}
+        return FeatureBatch(**values, n_tokens=self.n_tokens)
 
     def to(self, device: torch.device) -> "FeatureBatch":
-        moved = {
-            name: getattr(self, name).to(device, non_blocking=True)
-            for name in ("input_ids", "attention_mask", "loss_mask", "aux_hidden_states", "topk_ids", "topk_logprobs")
-        }
-        return FeatureBatch(**moved, n_tokens=self.n_tokens)
+        return self._map(lambda t: t.to(device, non_blocking=True))
 
     def pin_memory(self) -> "FeatureBatch":
-        pinned = {
-            name: getattr(self, name).pin_memory()
-            for name in ("input_ids", "attention_mask", "loss_mask", "aux_hidden_states", "topk_ids", "topk_logprobs")
-        }
-        return FeatureBatch(**pinned, n_tokens=self.n_tokens)
+        return self._map(lambda t: t.pin_memory())
 
 
 def bf16_from_bits(bits: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
 
 
+def _padded(rows: list[dict[str, np.ndarray]], name: str, width: int, dtype) -> np.ndarray:
+    first = rows[0][name]
+    out = np.zeros((len(rows), width, *first.shape[1:]), dtype)
+    for b, row in enumerate(rows):
+        out[b, : len(row[name])] = row[name]
+    return out
+
+
 def collate(rows: list[dict[str, np.ndarray]]) -> FeatureBatch:
     """Right-pad per-sample rows into one batch."""
     lengths = [len(row["input_ids"]) for row in rows]
     width = max(lengths)
-    aux_width = rows[0]["aux_hidden"].shape[1]
-    k = rows[0]["topk_ids"].shape[1]
-    batch = len(rows)
-    input_ids = np.zeros((batch, width), np.int64)
-    attention = np.zeros((batch, width), np.int64)
-    loss_mask = np.zeros((batch, width), np.bool_)
-    aux = np.zeros((batch, width, aux_width), np.uint16)
-    top_ids = np.zeros((batch, width, k), np.int64)
-    top_lp = np.zeros((batch, width, k), np.float32)
-    for b, (row, n) in enumerate(zip(rows, lengths)):
-        input_ids[b, :n] = row["input_ids"]
+    attention = np.zeros((len(rows), width), np.int64)
+    for b, n in enumerate(lengths):
         attention[b, :n] = 1
-        loss_mask[b, :n] = row["loss_mask"]
-        aux[b, :n] = row["aux_hidden"]
-        top_ids[b, :n] = row["topk_ids"]
-        top_lp[b, :n] = row["topk_logprobs"]
+    has_topk = "topk_ids" in rows[0]
     return FeatureBatch(
-        input_ids=torch.from_numpy(input_ids),
+        input_ids=torch.from_numpy(_padded(rows, "input_ids", width, np.int64)),
         attention_mask=torch.from_numpy(attention),
-        loss_mask=torch.from_numpy(loss_mask),
-        aux_hidden_states=bf16_from_bits(aux),
-        topk_ids=torch.from_numpy(top_ids),
-        topk_logprobs=torch.from_numpy(top_lp),
+        loss_mask=torch.from_numpy(_padded(rows, "loss_mask", width, np.bool_)),
+        aux_hidden_states=bf16_from_bits(_padded(rows, "aux_hidden", width, np.uint16)),
+        topk_ids=torch.from_numpy(_padded(rows, "topk_ids", width, np.int64)) if has_topk else None,
+        topk_logprobs=torch.from_numpy(_padded(rows, "topk_logprobs", width, np.float32)) if has_topk else None,
+        final_hidden=bf16_from_bits(_padded(rows, "final_hidden", width, np.uint16)) if "final_hidden" in rows[0] else None,
         n_tokens=int(sum(lengths)),
     )
 
 
-def load_batch(reader: CacheReader, samples: np.ndarray, max_length: int | None = None) -> FeatureBatch:
+def fields_for_teacher(reader: CacheReader, teacher: str) -> tuple[str, ...]:
+    """The arrays to read for a teacher choice (topk or final-hidden)."""
+    wanted = ("input_ids", "loss_mask", "aux_hidden") + (
+        ("final_hidden",) if teacher == "final-hidden" else ("topk_ids", "topk_logprobs")
+    )
+    missing = [name for name in wanted if name not in reader.sample_fields]
+    if missing:
+        raise ValueError(f"the cache has no {missing} arrays, so it cannot train with the {teacher!r} teacher")
+    return wanted
+
+
+def load_batch(reader: CacheReader, samples: np.ndarray, max_length: int | None = None,
+               names: tuple[str, ...] = FEATURE_ARRAYS) -> FeatureBatch:
     """Random-access batch: one ranged read per sample and array (no window needed)."""
-    rows = [reader.read_sample(int(i)) for i in samples]
+    rows = [reader.read_sample(int(i), names) for i in samples]
     return collate([{k: v[:max_length] for k, v in row.items()} for row in rows])
 
 
@@ -157,12 +167,13 @@ class BatchPlan:
         return sum(len(w.batches) for w in self.epoch(0))
 
 
-def _read_window(reader: CacheReader, parts: tuple[int, ...]) -> dict[int, dict[str, np.ndarray]]:
-    return {part: reader.read_part(part, FEATURE_ARRAYS) for part in parts}
+def _read_window(reader: CacheReader, parts: tuple[int, ...], names: tuple[str, ...]) -> dict[int, dict[str, np.ndarray]]:
+    return {part: reader.read_part(part, names) for part in parts}
 
 
 def iterate_batches(
-    reader: CacheReader, plan: BatchPlan, *, start_epoch: int = 0, start_batch: int = 0, max_length: int | None = None
+    reader: CacheReader, plan: BatchPlan, *, start_epoch: int = 0, start_batch: int = 0, max_length: int | None = None,
+    names: tuple[str, ...] = FEATURE_ARRAYS,
 ) -> Iterator[tuple[int, int, FeatureBatch]]:
     """Yield ``(epoch, batch_index_in_epoch, batch)`` forever, starting at a given position.
 
@@ -183,11 +194,11 @@ def iterate_batches(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="talon-window") as pool:
         upcoming = windows()
         epoch, index, window = next(upcoming)
-        pending = pool.submit(_read_window, reader, window.parts)
+        pending = pool.submit(_read_window, reader, window.parts, names)
         while True:
             loaded = pending.result()
             next_epoch, next_index, next_window = next(upcoming)
-            pending = pool.submit(_read_window, reader, next_window.parts)
+            pending = pool.submit(_read_window, reader, next_window.parts, names)
             for offset, samples in enumerate(window.batches):
                 if epoch == start_epoch and index + offset < start_batch:
                     continue  # consumed before the checkpoint this run resumes from
@@ -196,21 +207,26 @@ def iterate_batches(
                     loc = reader.locate(int(sample))
                     arrays = loaded[loc.part]
                     stop = loc.stop if max_length is None else min(loc.stop, loc.start + max_length)
-                    rows.append({name: arrays[name][loc.start : stop] for name in FEATURE_ARRAYS})
+                    rows.append({name: arrays[name][loc.start : stop] for name in names})
                 yield epoch, index + offset, collate(rows)
             epoch, index, window = next_epoch, next_index, next_window
 
 
-def iterate_random_access(reader: CacheReader, plan: BatchPlan, max_length: int | None = None) -> Iterator[FeatureBatch]:
+def iterate_random_access(reader: CacheReader, plan: BatchPlan, max_length: int | None = None,
+                          names: tuple[str, ...] = FEATURE_ARRAYS) -> Iterator[FeatureBatch]:
     """One pass over epoch 0 of a plan with ranged per-sample reads: right for small subsets
     (a validation split) spread over many parts, where reading whole parts would waste I/O."""
     for window in plan.epoch(0):
         for samples in window.batches:
-            yield load_batch(reader, samples, max_length)
+            yield load_batch(reader, samples, max_length, names)
 
 
 def prefetch(items: Iterator, depth: int = 4) -> Iterator:
-    """Run ``items`` in a background thread, keeping at most ``depth`` results ahead."""
+    """Run ``items`` in a background thread, keeping at most ``depth`` results ahead.
+
+    Closing the returned generator (or dropping it) stops the producer, closes ``items`` (so its
+    own threads shut down) and joins the thread: nothing keeps reading after the consumer ends.
+    """
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
@@ -225,10 +241,15 @@ def prefetch(items: Iterator, depth: int = 4) -> Iterator:
                     except queue.Full:
                         continue
                 if stop.is_set():
-                    return
-            buffer.put(done)
+                    break
+            else:
+                buffer.put(done)
         except BaseException as err:  # re-raised in the consumer
             buffer.put(err)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=work, name="talon-prefetch", daemon=True)
     thread.start()
@@ -242,3 +263,9 @@ def prefetch(items: Iterator, depth: int = 4) -> Iterator:
             yield item
     finally:
         stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.1)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +25,15 @@ from schemas.jsonio import read_json, write_json_atomic
 from schemas.layout import TARGET_HEAD_FILE
 from schemas.manifest import CacheError, CacheManifest, read_manifest, require_same_target
 from schemas.store import CacheReader
+from schemas.validate import validate_cache
 from stage_train.checkpoint import load_latest_checkpoint, restore_rng, rng_state, save_checkpoint
 from stage_train.core import Eagle3TrainerModule, TopKLogProbs, _shift_left_with_zero
-from stage_train.data import BatchPlan, FeatureBatch, iterate_batches, iterate_random_access, prefetch
+from stage_train.data import BatchPlan, FeatureBatch, fields_for_teacher, iterate_batches, iterate_random_access, prefetch
 from stage_train.draft import DraftConfig, Eagle3DraftModel
 from stage_train.export import export_draft
 from stage_train.metrics import MetricSink, MetricWindow
 from stage_train.schedule import warmup_cosine
+from stage_train.teacher import TargetHead, final_hidden_teacher
 from stage_train.vocab import select_draft_vocab
 
 RUN_CONFIG = "config.json"
@@ -69,17 +71,29 @@ def split_samples(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def shifted_inputs(batch: FeatureBatch, device: torch.device) -> dict:
-    """The seed's conventions: ids, loss mask and teacher shifted left by one; aux unshifted."""
+def resolve_teacher(requested: str, fields: tuple[str, ...]) -> str:
+    """``auto`` trains from the exact final-hidden teacher when the cache has it, else top-k."""
+    if requested != "auto":
+        return requested
+    return "final-hidden" if "final_hidden" in fields else "topk"
+
+
+def shifted_inputs(batch: FeatureBatch, device: torch.device, teacher=None) -> dict:
+    """The seed's conventions: ids, loss mask and teacher shifted left by one; aux unshifted.
+
+    ``teacher`` (a callable of the final hidden states) recomputes the exact draft-vocab teacher
+    when the batch carries final hidden states instead of top-k log-probs."""
     aux = batch.aux_hidden_states if device.type == "cuda" else batch.aux_hidden_states.float()
+    if batch.final_hidden is not None and teacher is not None:
+        target = teacher(batch.final_hidden)
+    else:
+        target = TopKLogProbs(token_ids=batch.topk_ids, logprobs=batch.topk_logprobs)
     return {
         "input_ids": _shift_left_with_zero(batch.input_ids),
         "attention_mask": batch.attention_mask,
         "loss_mask": _shift_left_with_zero(batch.loss_mask),
         "aux_hidden_states": aux,
-        "target_logits": TopKLogProbs(
-            token_ids=_shift_left_with_zero(batch.topk_ids), logprobs=_shift_left_with_zero(batch.topk_logprobs)
-        ),
+        "target_logits": _shift_left_with_zero(target),
     }
 
 
@@ -95,14 +109,14 @@ def resolve_resume(run_dir: Path, overrides: dict) -> TrainConfig:
 
 
 @torch.no_grad()
-def evaluate(module: Eagle3TrainerModule, reader, plan: BatchPlan, runtime: Runtime, autocast, max_length) -> dict:
+def evaluate(module: Eagle3TrainerModule, reader, plan: BatchPlan, runtime: Runtime, autocast, max_length, names, teacher) -> dict:
     """Per-step accuracy and simulated acceptance length over the held-out samples."""
     window = MetricWindow(module.ttt_steps, runtime.device)
     module.eval()
-    for batch in prefetch(iterate_random_access(reader, plan, max_length), depth=4):
+    for batch in prefetch(iterate_random_access(reader, plan, max_length, names), depth=4):
         batch = batch.to(runtime.device)
         with autocast:
-            window.add(module(**shifted_inputs(batch, runtime.device)), batch.n_tokens)
+            window.add(module(**shifted_inputs(batch, runtime.device, teacher)), batch.n_tokens)
     module.train()
     return window.summary(runtime)
 
@@ -125,7 +139,12 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     manifest = read_manifest(cfg.cache)
     if cfg.target is not None:
         check_target(manifest, Path(cfg.cache), cfg.target)
-    reader = CacheReader(cfg.cache, manifest)
+    skip = set(cfg.skip_parts)
+    validate_cache(cfg.cache, deep=False).require_ok(skip)  # cheap: seals, shapes, offsets
+    reader = CacheReader(cfg.cache, manifest, skip_parts=skip or None)
+    manifest = reader.manifest
+    teacher_name = resolve_teacher(cfg.teacher, reader.sample_fields)
+    names = fields_for_teacher(reader, teacher_name)
     train_ids, val_ids = split_samples(len(reader), cfg.val_fraction, cfg.seed)
 
     draft, coverage = build_draft(manifest, Path(cfg.cache), cfg.draft_vocab)
@@ -139,6 +158,11 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         ttt_steps=cfg.ttt_steps,
     ).to(device)
     model = runtime.wrap(module, fsdp=cfg.fsdp)
+    teacher = None
+    if teacher_name == "final-hidden":
+        head = TargetHead.load(cfg.cache, device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        teacher = partial(final_hidden_teacher, head=head, selected_token_ids=module.selected_token_ids,
+                          selected_token_mask=module.selected_token_mask)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
@@ -170,7 +194,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         sink = MetricSink(out, keep_until_step=start_step if checkpoint is not None else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     stream = prefetch(iterate_batches(reader, plan, start_epoch=position[0], start_batch=position[1],
-                                      max_length=cfg.max_length), depth=4)
+                                      max_length=cfg.max_length, names=names), depth=4)
 
     first = last = last_val = None
     started = window_started = time.perf_counter()
@@ -191,7 +215,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                 batch = batch.to(device)
                 sync = nullcontext() if micro + 1 == cfg.grad_accum or runtime.world_size == 1 or cfg.fsdp else model.no_sync()
                 with sync, autocast:
-                    metrics = model(**shifted_inputs(batch, device))
+                    metrics = model(**shifted_inputs(batch, device, teacher))
                     (metrics.loss / cfg.grad_accum).backward()
                 step_loss += metrics.loss.detach() / cfg.grad_accum
                 window.add(metrics, batch.n_tokens)
@@ -219,7 +243,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                 record["tokens_per_second"] = round(summary.get("tokens", 0) / max(now - window_started, 1e-9), 1)
                 if val_plan is not None and cfg.eval_every and done % cfg.eval_every == 0:
                     eval_started = time.perf_counter()
-                    last_val = evaluate(module, reader, val_plan, runtime, autocast, cfg.max_length)
+                    last_val = evaluate(module, reader, val_plan, runtime, autocast, cfg.max_length, names, teacher)
                     eval_seconds += time.perf_counter() - eval_started
                     record.update({f"val_{k}": v for k, v in last_val.items()})
                 if sink is not None:
@@ -244,18 +268,20 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                     })
                 runtime.barrier()
     finally:
+        stream.close()  # stops the reader threads before the process group goes away
         bar.close()
         if sink is not None:
             sink.close()
     seconds = time.perf_counter() - started - eval_seconds  # training time, validation excluded
     if val_plan is not None:
-        last_val = evaluate(module, reader, val_plan, runtime, autocast, cfg.max_length)
+        last_val = evaluate(module, reader, val_plan, runtime, autocast, cfg.max_length, names, teacher)
     summary = {
         "run": str(out),
         "export": str(out / "export"),
         "steps": total_steps,
         "resumed_from_step": start_step if checkpoint is not None else None,
         "ttt_steps": cfg.ttt_steps,
+        "teacher": teacher_name,
         "draft_vocab": draft.config.draft_vocab_size,
         "draft_vocab_coverage": round(coverage, 4),
         "world_size": runtime.world_size,

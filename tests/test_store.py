@@ -98,3 +98,66 @@ def test_identity_mismatch_names_the_field():
     lines = cache.mismatches(other)
     assert lines == ["hidden_size: cache has 4, target has 8", "tokenizer_hash: cache has 'tok', target has 'different'"]
     assert cache.mismatches(_identity(source="same model, other path")) == []
+
+
+def test_direct_shard_reads_equal_zarr_reads(tmp_path, monkeypatch):
+    """The reader's own shard decoding (schemas.shard) returns zarr's bytes, for every array,
+    for whole parts, single samples and ranges that cross inner chunks, with or without threads."""
+    from schemas.manifest import write_seal
+    from schemas.shard import ShardArray
+
+    import schemas.store
+
+    monkeypatch.setattr(schemas.store, "INNER_CHUNK_BYTES", 64 * 24)  # 64-row inner chunks
+    rng = np.random.default_rng(3)
+    builder = PartBuilder(index=0, first_record=0)
+    builder.samples = _random_samples(rng, 40, 70000)
+    arrays = builder.arrays()
+    arrays["aux_hidden"][64:128] = 0  # an all-fill inner chunk: zarr does not store it
+    records = write_part_group(tmp_path, "part-000000", arrays, 70000)
+    write_seal(tmp_path, builder.seal(arrays, records, {}))
+    spec = ExtractSpec(SCHEMA_VERSION, _identity(), _settings())
+    write_manifest(tmp_path, build_manifest(spec, [builder.seal(arrays, records, {})], {}))
+    direct, through_zarr = CacheReader(tmp_path, read_threads=3), CacheReader(tmp_path, direct_reads=False)
+    aux = ShardArray.open(tmp_path / "parts" / "part-000000.zarr" / "aux_hidden")
+    assert aux.chunk_rows == 64 and aux.n_chunks > 3
+    assert (aux.index()[1] == np.iinfo(np.uint64).max).all()  # the empty chunk
+    whole = direct.read_part(0)
+    assert set(whole) == set(direct.sample_fields)
+    for name, value in through_zarr.read_part(0).items():
+        assert value.dtype == whole[name].dtype and np.array_equal(value, whole[name]), name
+    for i in range(len(direct)):
+        a, b = direct.read_sample(i), through_zarr.read_sample(i)
+        for name in a:
+            assert np.array_equal(a[name], b[name]), (i, name)
+    shard = ShardArray.open(tmp_path / "parts" / "part-000000.zarr" / "topk_logprobs")
+    n = shard.shape[0]
+    for start, stop in [(0, 1), (63, 65), (5, n), (n - 1, n), (3, 3)]:
+        assert np.array_equal(shard.read_rows(start, stop), arrays["topk_logprobs"][start:stop])
+
+
+def test_fp8_part_decodes_to_the_reference_bits_for_any_read_path(tmp_path):
+    from schemas.fp8 import dequantize_to_bf16_bits
+    from schemas.manifest import write_seal
+
+    rng = np.random.default_rng(5)
+    builder = PartBuilder(index=0, first_record=0)
+    for record, length in enumerate((1500, 3, 700)):
+        builder.samples.append(SampleFeatures(
+            record_index=record, input_ids=rng.integers(0, 300, length), loss_mask=np.ones(length, np.uint8),
+            aux_hidden=rng.integers(0, 256, (length, 12)).astype(np.uint8) & 0x7E,  # finite codes only
+            aux_scale=rng.random((length, 3), dtype=np.float32) * 100,
+            topk_ids=rng.integers(0, 300, (length, 3)), topk_logprobs=-rng.random((length, 3), dtype=np.float32),
+        ))
+    arrays = builder.arrays()
+    records = write_part_group(tmp_path, "part-000000", arrays, 300, feature_dtype="fp8")
+    seal = builder.seal(arrays, records, {})
+    write_seal(tmp_path, seal)
+    settings = ExtractSettings(**{**_settings().to_dict(), "feature_dtype": "fp8"})
+    write_manifest(tmp_path, build_manifest(ExtractSpec(SCHEMA_VERSION, _identity(vocab_size=300), settings), [seal], {}))
+    pooled, single = CacheReader(tmp_path, read_threads=3), CacheReader(tmp_path, read_threads=1)
+    for i, sample in enumerate(builder.samples):
+        expected = dequantize_to_bf16_bits(sample.aux_hidden, sample.aux_scale)
+        assert np.array_equal(pooled.read_sample(i)["aux_hidden"], expected)
+        assert np.array_equal(single.read_sample(i)["aux_hidden"], expected)
+    assert np.array_equal(pooled.read_part(0)["aux_hidden"], dequantize_to_bf16_bits(arrays["aux_hidden"], arrays["aux_scale"]))

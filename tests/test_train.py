@@ -94,3 +94,18 @@ def test_training_an_incomplete_cache_says_how_to_resume(tmp_path):
     (tmp_path / "cache" / "extract.json").write_text("{}")
     with pytest.raises(CacheError, match="Rerun the same `talon extract`"):
         run_train(train_config(tmp_path / "cache", tmp_path / "run"))
+
+
+def test_final_hidden_teacher_supervises_the_same_slots_as_topk(tiny_target_dir, chat_jsonl, tmp_path):
+    from stage_extract.run import run_extract
+    from tests.conftest import extract_config
+
+    run_extract(extract_config(tmp_path / "cache", tiny_target_dir, chat_jsonl, teacher="both"))
+    exact = run_train(train_config(tmp_path / "cache", tmp_path / "exact", teacher="final-hidden", max_steps=2, log_every=1))
+    topk = run_train(train_config(tmp_path / "cache", tmp_path / "topk", teacher="topk", max_steps=2, log_every=1))
+    auto = run_train(train_config(tmp_path / "cache", tmp_path / "auto", max_steps=1))
+    assert (exact["teacher"], topk["teacher"], auto["teacher"]) == ("final-hidden", "topk", "final-hidden")
+    # the supervised slots depend only on the full-vocab argmax, which top-k keeps exactly
+    assert exact["first"]["valid_tokens"] == topk["first"]["valid_tokens"] > 0
+    # the targets differ: top-8 drops the tail mass that the exact teacher keeps
+    assert exact["first"]["loss"] != topk["first"]["loss"]

@@ -81,9 +81,9 @@ def test_non_finite_loss_stops_or_is_skipped(tiny_cache, tmp_path, monkeypatch):
     original = trainer.shifted_inputs
     calls = {"n": 0}
 
-    def poisoned(batch, device):
+    def poisoned(batch, device, teacher=None):
         calls["n"] += 1
-        inputs = original(batch, device)
+        inputs = original(batch, device, teacher)
         if calls["n"] == 3:
             inputs["aux_hidden_states"] = torch.full_like(inputs["aux_hidden_states"], float("nan"))
         return inputs

@@ -1,0 +1,174 @@
+"""Extraction throughput with writing, against the forward alone, in the same process.
+
+For each target, on the same synthetic chats and the same length-sorted batches:
+
+* ``backbone``: ``model.model(ids, mask)`` only (what any forward costs);
+* ``features``: :func:`extract_batch` (hooks, LM head + top-k, fp8 quantisation), no copy out;
+* ``run``: the real ``talon extract`` path (``extract_with_model`` into a temp cache: tokenising,
+  forwards, async device-to-host copies, background checksums/compression/writes, seals,
+  manifest), timed end to end after the model is loaded;
+* ``tokenise``: the chat-template tokenisation alone (CPU), which the run path also does.
+
+Targets: (a) the real SmolLM2 and (b) a random-weight Llama-3.1-8B-shaped model (CUDA only,
+or on CPU with ``--layers-override``).  Prints a markdown table with run/features ratios.
+Default sizes finish in about 3 minutes on one H100.
+
+    python bench/extract_speed.py --device cuda
+    python bench/extract_speed.py --device cpu --tokens 2048 --skip-8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import aux_layers_for, build_llama_8b, markdown_table, resolve, smollm2_tokenizer, sync, synthetic_chats  # noqa: E402
+
+
+def tokenised(data: Path, tokenizer, max_length: int, limit: int | None):
+    import numpy as np
+
+    from stage_extract.chat import tokenize_conversation
+    from stage_extract.records import iter_chat_records
+
+    started = time.perf_counter()
+    samples = []
+    for record in iter_chat_records(str(data), limit=limit):
+        tokens = tokenize_conversation(tokenizer, record.messages, max_length=max_length)
+        if tokens is not None:
+            samples.append(tokens.input_ids.astype(np.int64))
+    return samples, time.perf_counter() - started
+
+
+def time_forwards(model, samples, batch_tokens: int, device, layer_ids, top_k: int, feature_dtype: str, teacher: str, repeats: int):
+    import numpy as np
+    import torch
+
+    from pipeline.batching import length_sorted_batches
+    from stage_extract.features import extract_batch
+
+    lengths = np.array([len(s) for s in samples])
+    batches = []
+    for batch in length_sorted_batches(lengths, batch_tokens):
+        width = int(lengths[batch].max())
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, s in enumerate(batch):
+            ids[row, : lengths[s]] = torch.from_numpy(samples[s])
+            mask[row, : lengths[s]] = 1
+        batches.append((ids.to(device), mask.to(device), [int(lengths[s]) for s in batch]))
+    total = int(lengths.sum()) * repeats
+    with torch.inference_mode():
+        for ids, mask, row_lengths in batches[:4]:  # warm-up: kernels, allocator
+            model.model(input_ids=ids, attention_mask=mask)
+            extract_batch(model, ids, mask, layer_ids=layer_ids, top_k=top_k, feature_dtype=feature_dtype,
+                          teacher=teacher, lengths=row_lengths)
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            for ids, mask, _ in batches:
+                model.model(input_ids=ids, attention_mask=mask)
+        sync(device)
+        backbone = total / (time.perf_counter() - started)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            for ids, mask, row_lengths in batches:
+                extract_batch(model, ids, mask, layer_ids=layer_ids, top_k=top_k, feature_dtype=feature_dtype,
+                              teacher=teacher, lengths=row_lengths)
+        sync(device)
+        features = total / (time.perf_counter() - started)
+    return backbone, features
+
+
+def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path) -> list[list]:
+    from pipeline.config import ExtractConfig
+    from stage_extract.run import extract_with_model
+
+    data = synthetic_chats(work / f"{name}.jsonl", max(8, args.tokens // 350), seed=1)
+    samples, tokenise_seconds = tokenised(data, tokenizer, args.max_length, None)
+    n_tokens = sum(len(s) for s in samples)
+    layer_ids = aux_layers_for(int(model.config.num_hidden_layers))
+    rows = []
+    for setting in args.settings.split(","):
+        feature_dtype, teacher = setting.split("/")
+        backbone, features = time_forwards(model, samples, args.batch_tokens, device, layer_ids, args.top_k,
+                                           feature_dtype, teacher, args.repeats)
+        out = work / f"{name}-{feature_dtype}-{teacher}"
+        cfg = ExtractConfig(out=out, target=name, data=str(data), max_length=args.max_length, top_k=args.top_k,
+                            layers=layer_ids, batch_tokens=args.batch_tokens, part_tokens=args.part_tokens,
+                            device=device.type, progress=False, feature_dtype=feature_dtype, teacher=teacher)
+        sync(device)
+        started = time.perf_counter()
+        summary = extract_with_model(cfg, tokenizer, model, device=device, dtype=dtype)
+        sync(device)
+        run = summary["tokens"] / (time.perf_counter() - started)
+        rows.append([name, setting, n_tokens, round(n_tokens / tokenise_seconds), round(backbone), round(features),
+                     round(run), f"{run / features:.2f}", f"{summary['bytes_per_token'] / 1024:.2f}",
+                     f"{run * summary['bytes_per_token'] / 1e6:,.1f}"])
+        print(" | ".join(str(v) for v in rows[-1]), file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per target (default 400k on cuda, 2k on cpu)")
+    parser.add_argument("--tokens-8b", type=int, default=None, help="tokens for the 8B target (default 120k on cuda, 512 on cpu)")
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--batch-tokens", type=int, default=None, help="default 32768 on cuda, 4096 on cpu")
+    parser.add_argument("--part-tokens", type=int, default=65536)
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="forward-only passes over the data")
+    parser.add_argument("--settings", default="bf16/topk,fp8/topk")
+    parser.add_argument("--skip-8b", action="store_true")
+    parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--layers-override", type=int, default=None, help="depth of the 8B-shaped model (needed on CPU)")
+    parser.add_argument("--writer-threads", type=int, default=0, help="part-writer threads (0: the run path's default)")
+    args = parser.parse_args()
+    if args.writer_threads:
+        import stage_extract.run
+
+        stage_extract.run.writer_parallelism = lambda device: {"threads": args.writer_threads, "max_pending": 2}
+
+    import torch
+
+    from pipeline.runtime import compute_dtype
+    from stage_extract.target import load_target
+
+    device = resolve(args.device)
+    dtype = compute_dtype(device)
+    cuda = device.type == "cuda"
+    args.batch_tokens = args.batch_tokens or (32768 if cuda else 4096)
+    args.max_length = min(args.max_length, args.batch_tokens)
+    work = Path(tempfile.mkdtemp(prefix="talon-extract-speed-"))
+    rows = []
+    if not args.skip_smollm2:
+        args.tokens = args.tokens or (400_000 if cuda else 2048)
+        tokenizer, model = load_target("smollm2", device=device, dtype=dtype)
+        rows += bench_target("smollm2", tokenizer, model, device, dtype, args, work)
+        del model
+    if not args.skip_8b and (cuda or args.layers_override):
+        args.tokens = args.tokens_8b or (120_000 if cuda else 512)
+        model = build_llama_8b(device, dtype, args.layers_override)
+        label = "llama-8b-random" + (f" ({model.config.num_hidden_layers} layers)" if args.layers_override else "")
+        rows += bench_target(label, smollm2_tokenizer(), model, device, dtype, args, work)
+    header = ["target", "dtype/teacher", "tokens", "tokenise tok/s", "backbone tok/s", "features tok/s",
+              "run (with writing) tok/s", "run / features", "KiB/token", "MB/s written"]
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    from stage_extract.run import writer_parallelism
+
+    print(f"\n### Extraction speed on {name} ({dtype}), batch {args.batch_tokens} tokens, "
+          f"{writer_parallelism(device)['threads']} part-writer thread(s), torch {torch.__version__}\n")
+    print(markdown_table(header, rows))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
