@@ -14,12 +14,12 @@ DATA        ?= sharegpt
 CACHE       ?= caches/demo
 RUN         ?= runs/demo
 DEVICE      ?= auto
-MAX_SAMPLES ?= 240
+MAX_SAMPLES ?= 200
 MAX_LENGTH  ?= 384
 TOP_K       ?= 64
 TTT_STEPS   ?= 3
 DRAFT_VOCAB ?= 4096
-STEPS       ?= 150
+STEPS       ?= 120
 BATCH_TOKENS ?= 1536
 LR          ?= 2e-3
 EXTRACT_ARGS ?=
@@ -28,7 +28,7 @@ TRAIN_ARGS  ?=
 .PHONY: install test test-fast demo extract train inspect clean help
 
 help:
-	@echo "make demo     install, then extract + train + export a draft on the embedded default (CPU: ~10 min)"
+	@echo "make demo     install, then extract + train + export a draft on the embedded default (CPU: ~12 min)"
 	@echo "make test     install, then run the whole test suite"
 	@echo "make extract  CACHE=... TARGET=... DATA=... MAX_SAMPLES=... MAX_LENGTH=... DEVICE=..."
 	@echo "make train    CACHE=... RUN=... STEPS=... TTT_STEPS=... DRAFT_VOCAB=... DEVICE=..."
