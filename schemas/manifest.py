@@ -265,13 +265,19 @@ def write_seal(cache_dir: Path, seal: PartSeal) -> None:
     write_json_atomic(seal_path(cache_dir, seal.name), seal.to_dict())
 
 
-def read_seal(path: Path) -> PartSeal:
+def read_record(path: Path, parse, what: str):
+    """Parse one JSON record of the cache, turning a missing or damaged file into a
+    :class:`CacheError` that names the file and what it should have held."""
     try:
-        return PartSeal.from_dict(read_json(path))
+        return parse(read_json(path))
     except FileNotFoundError as err:
-        raise CacheError(f"{path}: the part's seal is missing") from err
+        raise CacheError(f"{path}: {what} is missing") from err
     except (ValueError, KeyError, TypeError) as err:
-        raise CacheError(f"{path}: the part's seal is damaged ({err})") from err
+        raise CacheError(f"{path}: {what} is damaged ({err})") from err
+
+
+def read_seal(path: Path) -> PartSeal:
+    return read_record(path, PartSeal.from_dict, "the part's seal")
 
 
 def read_sealed_parts(worker_dir: Path) -> list[PartSeal]:

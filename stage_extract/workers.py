@@ -33,6 +33,7 @@ from schemas.manifest import (
     WorkerRecord,
     build_manifest,
     local_location,
+    read_record,
     read_sealed_parts,
     worker_file,
     write_manifest,
@@ -79,12 +80,7 @@ def resolve_shard(shard_index: int | None, num_shards: int | None, environ: dict
 
 
 def read_spec(path: Path) -> ExtractSpec:
-    try:
-        return ExtractSpec.from_dict(read_json(path))
-    except FileNotFoundError as err:
-        raise CacheError(f"{path} is missing") from err
-    except (ValueError, KeyError, TypeError) as err:
-        raise CacheError(f"{path} is damaged ({err})") from err
+    return read_record(path, ExtractSpec.from_dict, "the extraction spec")
 
 
 def write_worker_record(worker_dir: Path, shard: Shard, seals: list[PartSeal], source_stats: dict[str, int]) -> WorkerRecord:
