@@ -292,6 +292,11 @@ class CacheReader:
         """``sample_offsets`` of part ``index`` (rows of its samples)."""
         return self._offsets[index]
 
+    @property
+    def sample_parts(self) -> np.ndarray:
+        """The part index of every sample (int64 [n_samples]), for planning reads by part."""
+        return self._part_of
+
     def locate(self, sample: int) -> SampleLocation:
         part, local = int(self._part_of[sample]), int(self._local[sample])
         offsets = self._offsets[part]

@@ -140,7 +140,7 @@ class BatchPlan:
         # rank sees equally many and an optimizer step always spans one whole group.
         self.group = group or world_size
         chosen = np.ones(len(reader), dtype=bool) if samples is None else np.isin(np.arange(len(reader)), samples)
-        part_of = reader._part_of
+        part_of = reader.sample_parts
         self._part_samples = [np.flatnonzero((part_of == p) & chosen) for p in range(len(reader.manifest.parts))]
         self._epochs: dict[int, list[Window]] = {}
 
