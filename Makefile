@@ -24,14 +24,22 @@ BATCH_TOKENS ?= 1536
 LR          ?= 2e-3
 EXTRACT_ARGS ?=
 TRAIN_ARGS  ?=
+PROMPTS     ?= mt-bench
+MAX_NEW     ?= 128
+EVAL_ARGS   ?=
+SWEEP_OUT   ?= runs/sweep
+GRID        ?= --grid lr=1e-3,2e-3 --grid ttt_steps=2,3
+SWEEP_ARGS  ?=
 
-.PHONY: install test test-fast demo extract train inspect clean help
+.PHONY: install test test-fast demo extract train eval sweep inspect clean help
 
 help:
 	@echo "make demo     install, then extract + train + export a draft on the embedded default (CPU: ~12 min)"
 	@echo "make test     install, then run the whole test suite"
 	@echo "make extract  CACHE=... TARGET=... DATA=... MAX_SAMPLES=... MAX_LENGTH=... DEVICE=..."
 	@echo "make train    CACHE=... RUN=... STEPS=... TTT_STEPS=... DRAFT_VOCAB=... DEVICE=..."
+	@echo "make eval     RUN=... PROMPTS=mt-bench|file.jsonl MAX_NEW=... DEVICE=... (speculative decoding: tau, speedup)"
+	@echo "make sweep    CACHE=... SWEEP_OUT=... GRID='--grid lr=1e-3,2e-3 --grid ttt_steps=2,3' STEPS=..."
 	@echo "make inspect  CACHE=..."
 
 install: $(STAMP)
@@ -57,6 +65,13 @@ extract: install
 train: install
 	$(BIN)/talon train --cache $(CACHE) --out $(RUN) --max-steps $(STEPS) --ttt-steps $(TTT_STEPS) \
 	  --draft-vocab $(DRAFT_VOCAB) --batch-tokens $(BATCH_TOKENS) --lr $(LR) --device $(DEVICE) $(TRAIN_ARGS)
+
+eval: install
+	$(BIN)/talon eval --draft $(RUN)/export --prompts $(PROMPTS) --max-new-tokens $(MAX_NEW) --device $(DEVICE) $(EVAL_ARGS)
+
+sweep: install
+	$(BIN)/talon sweep --cache $(CACHE) --out $(SWEEP_OUT) $(GRID) --grid draft_vocab=$(DRAFT_VOCAB) \
+	  --grid batch_tokens=$(BATCH_TOKENS) --max-steps $(STEPS) --device $(DEVICE) $(SWEEP_ARGS)
 
 inspect: install
 	$(BIN)/talon inspect $(CACHE)

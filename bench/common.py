@@ -53,9 +53,15 @@ def synthetic_chats(path: Path, n: int, words_per_turn: tuple[int, int] = (40, 4
 
 def build_llama_8b(device: torch.device, dtype: torch.dtype, layers: int | None = None, seed: int = 0):
     """A random Llama-3.1-8B-shaped model, built directly on ``device`` in ``dtype``."""
+    return build_random_llama({**LLAMA_8B, "num_hidden_layers": layers or LLAMA_8B["num_hidden_layers"]},
+                              device, dtype, seed)
+
+
+def build_random_llama(config_kwargs: dict, device, dtype: torch.dtype, seed: int = 0):
+    """A random-weight Llama of the given ``LlamaConfig`` fields, built directly on ``device`` in ``dtype``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**{**LLAMA_8B, "num_hidden_layers": layers or LLAMA_8B["num_hidden_layers"]})
+    config = LlamaConfig(**config_kwargs)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

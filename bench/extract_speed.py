@@ -102,7 +102,8 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path) -
         out = work / f"{name}-{feature_dtype}-{teacher}"
         cfg = ExtractConfig(out=out, target=name, data=str(data), max_length=args.max_length, top_k=args.top_k,
                             layers=layer_ids, batch_tokens=args.batch_tokens, part_tokens=args.part_tokens,
-                            device=device.type, progress=False, feature_dtype=feature_dtype, teacher=teacher)
+                            device=device.type, progress=False, feature_dtype=feature_dtype, teacher=teacher,
+                            aux_compression=args.aux_compression)
         sync(device)
         started = time.perf_counter()
         summary = extract_with_model(cfg, tokenizer, model, device=device, dtype=dtype)
@@ -131,11 +132,21 @@ def main() -> None:
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--layers-override", type=int, default=None, help="depth of the 8B-shaped model (needed on CPU)")
     parser.add_argument("--writer-threads", type=int, default=0, help="part-writer threads (0: the run path's default)")
+    parser.add_argument("--encode-threads", type=int, default=0, help="compression pool threads (0: the run path's default)")
+    parser.add_argument("--aux-compression", default="auto", help="codec of the aux planes (talon extract --aux-compression)")
     args = parser.parse_args()
-    if args.writer_threads:
+    if args.writer_threads or args.encode_threads:
         import stage_extract.run
 
-        stage_extract.run.writer_parallelism = lambda device: {"threads": args.writer_threads, "max_pending": 2}
+        default_parallelism = stage_extract.run.writer_parallelism
+
+        def parallelism(device):
+            chosen = dict(default_parallelism(device))
+            chosen["threads"] = args.writer_threads or chosen["threads"]
+            chosen["encode_threads"] = args.encode_threads or chosen.get("encode_threads")
+            return chosen
+
+        stage_extract.run.writer_parallelism = parallelism
 
     import torch
 
@@ -164,8 +175,10 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     from stage_extract.run import writer_parallelism
 
+    parallel = writer_parallelism(device)
     print(f"\n### Extraction speed on {name} ({dtype}), batch {args.batch_tokens} tokens, "
-          f"{writer_parallelism(device)['threads']} part-writer thread(s), torch {torch.__version__}\n")
+          f"{parallel['threads']} part-writer thread(s) + {parallel.get('encode_threads')} encoding, "
+          f"aux compression {args.aux_compression}, torch {torch.__version__}\n")
     print(markdown_table(header, rows))
     shutil.rmtree(work, ignore_errors=True)
 

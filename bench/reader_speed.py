@@ -3,11 +3,17 @@
 Writes a real store through our writer (random features of a target with ``--hidden`` /
 ``--vocab``, sample lengths uniform in [64, --max-length]), then on the same batches:
 
-* ``reader``: ``stage_train.data.load_batch`` (one ranged read per sample and array, fp8
-  decoded to bf16 planes on the CPU) behind ``stage_train.data.prefetch``, as the trainer
-  consumes it; also the part-windowed reader when ``stage_train.data`` has one;
-* ``trainer``: forward + backward + AdamW steps of ``Eagle3TrainerModule`` (TTT unroll, a
-  one-layer draft of the target's shape) on ``--device``, bf16 autocast on CUDA.
+* ``reader``: ``stage_train.data.load_batch`` (one ranged read per sample and array) behind
+  ``stage_train.data.prefetch``, as the trainer consumes it: ``raw=True``, so an fp8 cache's
+  aux states arrive as uint8 codes + scales (no CPU decode), collated into pinned memory on
+  CUDA; also the part-windowed reader (``iterate_batches``, what ``talon train`` uses);
+* ``trainer``: host-to-device copy, the on-device fp8 decode (``FeatureBatch.aux_states``) for
+  fp8, and forward + backward + AdamW steps of ``Eagle3TrainerModule`` (TTT unroll, a
+  one-layer draft of the target's shape) on ``--device``, bf16 autocast on CUDA; timed per
+  feature dtype.
+
+``--decoded-too`` also times the old fp8 path (aux states decoded to bf16 on the CPU by the
+reader) and prints it on stderr, for comparison.
 
 The ratio reader/trainer is the head-room (goal: >= 3).  The store is read from the page cache
 after being written, so disk bandwidth is not part of the reader figure.
@@ -78,17 +84,18 @@ def write_store(out: Path, *, hidden: int, vocab: int, top_k: int, tokens: int, 
     write_manifest(out, build_manifest(spec, seals, arrays))
 
 
-def time_reader(reader, batches, max_length):
+def time_reader(reader, batches, max_length, *, raw=True, pin_memory=False):
     from stage_train.data import load_batch, prefetch
 
     started = time.perf_counter()
     tokens = 0
-    for batch in prefetch((load_batch(reader, b, max_length) for b in batches), depth=4):
+    batches_read = (load_batch(reader, b, max_length, raw=raw, pin_memory=pin_memory) for b in batches)
+    for batch in prefetch(batches_read, depth=4):
         tokens += batch.n_tokens
     return tokens / (time.perf_counter() - started)
 
 
-def time_windowed(reader, batch_tokens, n_batches):
+def time_windowed(reader, batch_tokens, n_batches, *, raw=True, pin_memory=False):
     """The trainer's part-windowed reader, when this version of stage_train.data has one."""
     import itertools
 
@@ -98,7 +105,8 @@ def time_windowed(reader, batch_tokens, n_batches):
         return None
     try:
         plan = data.BatchPlan(reader, batch_tokens, 0)
-        stream = data.prefetch((b for _, _, b in data.iterate_batches(reader, plan)), depth=4)
+        batches = data.iterate_batches(reader, plan, raw=raw, pin_memory=pin_memory)
+        stream = data.prefetch((b for _, _, b in batches), depth=4)
         next(stream)
         started = time.perf_counter()
         tokens = sum(b.n_tokens for b in itertools.islice(stream, n_batches))
@@ -131,7 +139,8 @@ def time_trainer(batches_loaded, *, hidden, vocab, draft_vocab, ttt_steps, devic
 
     def step(batch):
         batch = batch.to(device)
-        aux = batch.aux_hidden_states if device.type == "cuda" else batch.aux_hidden_states.float()
+        aux = batch.aux_states()  # fp8 read raw: decoded here, on the device, as the trainer does
+        aux = aux if device.type == "cuda" else aux.float()
         with autocast:
             metrics = module(
                 input_ids=_shift_left_with_zero(batch.input_ids), attention_mask=batch.attention_mask,
@@ -167,6 +176,8 @@ def main() -> None:
     parser.add_argument("--ttt-steps", type=int, default=7)
     parser.add_argument("--steps", type=int, default=None, help="timed trainer steps (default 8 on cuda, 2 on cpu)")
     parser.add_argument("--feature-dtypes", default="bf16,fp8")
+    parser.add_argument("--decoded-too", action="store_true",
+                        help="also time the old fp8 read (decoded to bf16 on the CPU), printed on stderr")
     args = parser.parse_args()
 
     import numpy as np
@@ -187,7 +198,6 @@ def main() -> None:
     steps = args.steps or (8 if cuda else 2)
     torch.manual_seed(0)
     rows = []
-    trainer_rate = None
     for feature_dtype in args.feature_dtypes.split(","):
         work = Path(tempfile.mkdtemp(prefix="talon-reader-"))
         started = time.perf_counter()
@@ -196,12 +206,18 @@ def main() -> None:
         write_seconds = time.perf_counter() - started
         reader = CacheReader(work)
         batches = shuffled_bucket_batches(reader.lengths, batch_tokens, np.random.default_rng(0))
-        reader_rate = time_reader(reader, batches, None)
-        windowed = time_windowed(reader, batch_tokens, len(batches))
-        if trainer_rate is None:
-            loaded = [load_batch(reader, b) for b in batches[: min(4, len(batches))]]
-            trainer_rate = time_trainer(loaded, hidden=hidden, vocab=vocab, draft_vocab=draft_vocab,
-                                        ttt_steps=args.ttt_steps, device=device, steps=steps)
+        reader_rate = time_reader(reader, batches, None, pin_memory=cuda)
+        windowed = time_windowed(reader, batch_tokens, len(batches), pin_memory=cuda)
+        if args.decoded_too and feature_dtype == "fp8":
+            old = time_reader(reader, batches, None, raw=False, pin_memory=cuda)
+            old_windowed = time_windowed(reader, batch_tokens, len(batches), raw=False, pin_memory=cuda)
+            print(f"fp8 reader, old CPU decode: {old:,.0f} tok/s (load_batch+prefetch), "
+                  f"{'-' if old_windowed is None else f'{old_windowed:,.0f}'} tok/s (windowed); "
+                  f"raw: {reader_rate:,.0f} / {'-' if windowed is None else f'{windowed:,.0f}'} tok/s", file=sys.stderr)
+        # the trainer consumes what the reader serves: raw fp8 codes, decoded after the copy
+        loaded = [load_batch(reader, b, raw=True, pin_memory=cuda) for b in batches[: min(4, len(batches))]]
+        trainer_rate = time_trainer(loaded, hidden=hidden, vocab=vocab, draft_vocab=draft_vocab,
+                                    ttt_steps=args.ttt_steps, device=device, steps=steps)
         rows.append([feature_dtype, reader.manifest.n_tokens, round(reader.manifest.bytes_per_token / 1024, 2),
                      round(reader.manifest.n_tokens / write_seconds), round(reader_rate),
                      "-" if windowed is None else round(windowed), round(trainer_rate),

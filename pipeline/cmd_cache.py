@@ -100,6 +100,7 @@ def estimate_command(
     top_k: Annotated[int, typer.Option(help="Top-k log-probs kept per position (as `talon extract --top-k`).")] = 64,
     feature_dtype: Annotated[str, typer.Option(help="Aux-state storage: bf16 or fp8 (as `talon extract --feature-dtype`).")] = "bf16",
     teacher: Annotated[str, typer.Option(help="Teacher planes: topk, final-hidden or both (as `talon extract --teacher`).")] = "topk",
+    aux_compression: Annotated[str, typer.Option(help="Codec of the feature planes: auto, lz4, zstd, none or blosc-zstd (as `talon extract --aux-compression`).")] = "auto",
     max_length: Annotated[int, typer.Option(help="Truncation length used when counting tokens (as `talon extract --max-length`).")] = 2048,
     max_samples: Annotated[Optional[int], typer.Option(help="Count only the first N usable conversations (as `talon extract --max-samples`).")] = None,
     sample_records: Annotated[int, typer.Option(help="Tokenise this many records and extrapolate their mean length to the rest.")] = 200,
@@ -117,12 +118,14 @@ def estimate_command(
             if target is None:
                 raise ValueError("--data needs --target for its tokenizer and chat template")
             counted = estimate_tokens(data, target, max_length=max_length, max_samples=max_samples, sample_records=sample_records)
-        result = estimate_cache(shape, top_k=top_k, feature_dtype=feature_dtype, teacher=teacher, tokens=counted, tokens_override=tokens)
+        result = estimate_cache(shape, top_k=top_k, feature_dtype=feature_dtype, teacher=teacher, tokens=counted,
+                                tokens_override=tokens, aux_compression=aux_compression)
     except (ValueError, FileNotFoundError, OSError) as err:
         fail(err)
     lines = [
         f"target: hidden {shape.hidden_size}, vocab {shape.vocab_size} ({shape.source})",
-        f"settings: top-k {top_k}, feature dtype {feature_dtype}, teacher {teacher}",
+        f"settings: top-k {top_k}, feature dtype {feature_dtype}, teacher {teacher}, "
+        f"aux compression {result['settings']['aux_compression']}",
     ]
     lines += [
         f"  {name:14s} {a['raw_bytes_per_token']:>8,d} B/token raw  ~{a['expected_bytes_per_token']:>10,.1f} expected"

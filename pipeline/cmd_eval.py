@@ -35,6 +35,7 @@ def eval_command(
     temperature: Annotated[float, typer.Option(help="0 = greedy verification (output checked against the target's own greedy output); > 0 = speculative sampling.")] = 0.0,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts (MT-Bench is ordered by category: a small N covers few categories).")] = None,
     device: Annotated[str, typer.Option(help="Where to run: auto (CUDA if present), cpu, or cuda. bf16 on CUDA, fp32 on CPU.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Precision of target and draft: float32 (default; the greedy check is exact), bfloat16 (serving precision, faster on GPU; batched verification and one-token decoding round differently, so greedy outputs may diverge at near-ties), or auto (bf16 on CUDA, fp32 on CPU).")] = "float32",
     seed: Annotated[int, typer.Option(help="Seed of the sampling generator (temperature > 0).")] = 0,
     plot: Annotated[Optional[Path], typer.Option(help="Where to write the per-depth acceptance PNG (default: RUN/eval_acceptance.png beside the export).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Where to write the JSON report (default: RUN/eval.json beside the export).")] = None,
@@ -50,7 +51,7 @@ def eval_command(
 
         cfg = EvalConfig(
             draft=draft, target=target, prompts=prompts, draft_tokens=draft_tokens, max_new_tokens=max_new_tokens,
-            temperature=temperature, limit=limit, device=device, seed=seed, plot=plot, report=report,
+            temperature=temperature, limit=limit, device=device, dtype=dtype, seed=seed, plot=plot, report=report,
             warmup=warmup, progress=progress and sys.stderr.isatty(),
         )
         summary = run_eval(cfg)

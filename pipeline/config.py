@@ -39,6 +39,7 @@ class ExtractConfig:
     progress: bool = True
     feature_dtype: str = "bf16"
     teacher: str = "topk"
+    aux_compression: str = "auto"
     shard_index: int | None = None
     num_shards: int | None = None
     backend: str = "hf"
@@ -46,7 +47,7 @@ class ExtractConfig:
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        from schemas.layout import FEATURE_DTYPES, TEACHERS
+        from schemas.layout import AUX_COMPRESSIONS, FEATURE_DTYPES, TEACHERS
 
         _require(self.backend in ("hf", "vllm"), "--backend must be hf or vllm")
         _require(0 < self.vllm_gpu_memory_utilization <= 1, "--vllm-gpu-memory-utilization must be in (0, 1]")
@@ -63,6 +64,7 @@ class ExtractConfig:
         _require(self.layers is None or len(self.layers) == 3, "--layers needs exactly three comma-separated ids")
         _require(self.feature_dtype in FEATURE_DTYPES, f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}")
         _require(self.teacher in TEACHERS, f"--teacher must be one of {', '.join(TEACHERS)}")
+        _require(self.aux_compression in AUX_COMPRESSIONS, f"--aux-compression must be one of {', '.join(AUX_COMPRESSIONS)}")
         _require((self.shard_index is None) == (self.num_shards is None), "--shard-index and --num-shards go together")
         _require(self.num_shards is None or self.num_shards >= 1, "--num-shards must be positive")
         _require(
@@ -98,8 +100,10 @@ class TrainConfig:
     save_every: int | None = None
     skip_nonfinite: int = 0
     fsdp: bool = False
+    gradient_checkpointing: bool = False
     skip_parts: tuple[str, ...] = ()
     teacher: str = "auto"
+    attention: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -124,7 +128,9 @@ class TrainConfig:
             "logs the same windows",
         )
         _require(self.skip_nonfinite >= 0, "--skip-nonfinite must be >= 0")
+        _require(isinstance(self.gradient_checkpointing, bool), "--gradient-checkpointing must be true or false")
         _require(self.teacher in ("auto", "topk", "final-hidden"), "--teacher must be auto, topk or final-hidden")
+        _require(self.attention in ("auto", "eager", "flex"), "--attention must be auto, eager or flex")
 
 
 def train_config_from_dict(values: dict[str, Any], *, where: str) -> TrainConfig:

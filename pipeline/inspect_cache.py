@@ -27,6 +27,7 @@ def describe_cache(cache: Path) -> dict:
         "max_length": manifest.settings.max_length,
         "feature_dtype": manifest.settings.feature_dtype,
         "teacher": manifest.settings.teacher,
+        "aux_compression": manifest.settings.aux_compression,
         "workers": manifest.settings.num_shards,
         "settings": manifest.settings.to_dict(),
         "samples": manifest.n_samples,

@@ -47,6 +47,14 @@ FINAL_HIDDEN_CONVENTION = "input of the final RMSNorm (pre-norm output of the la
 
 FEATURE_DTYPES = ("bf16", "fp8")
 TEACHERS = ("topk", "final-hidden", "both")
+# Compression of the feature planes (aux_hidden, final_hidden); the other arrays always use zstd.
+# Each array's zarr.json names its codec, so readers need no setting.  "auto" is lz4 for bf16
+# aux states (about twice zstd's speed for ~5 % more bytes) and zstd for fp8 codes (lz4 gains
+# nothing on them); see BENCHMARKS.md "Part writer".  "blosc-zstd" is what caches written before
+# the option existed use (an extract.json without the field means it).
+AUX_COMPRESSIONS = ("auto", "lz4", "zstd", "none", "blosc-zstd")
+DEFAULT_AUX_COMPRESSION = "auto"
+LEGACY_AUX_COMPRESSION = "blosc-zstd"
 N_AUX_LAYERS = 3
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 
@@ -78,6 +86,15 @@ def worker_dir_relpath(index: int, count: int) -> str:
 def token_id_dtype(vocab_size: int) -> str:
     """The narrowest unsigned dtype that holds every token id of the vocab."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def resolve_aux_compression(aux_compression: str, feature_dtype: str) -> str:
+    """The concrete codec name ``aux_compression`` stands for with this feature dtype."""
+    if aux_compression not in AUX_COMPRESSIONS:
+        raise ValueError(f"aux compression {aux_compression!r} is not one of {', '.join(AUX_COMPRESSIONS)}")
+    if aux_compression == "auto":
+        return "lz4" if feature_dtype == "bf16" else "zstd"
+    return aux_compression
 
 
 def has_topk(teacher: str) -> bool:

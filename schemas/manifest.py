@@ -25,13 +25,16 @@ from typing import Any
 
 from schemas.jsonio import read_json, write_json_atomic
 from schemas.layout import (
+    DEFAULT_AUX_COMPRESSION,
     EXTRACT_SPEC_FILE,
     LAYER_CONVENTION,
+    LEGACY_AUX_COMPRESSION,
     MANIFEST_FILE,
     PARTS_DIR,
     READABLE_SCHEMA_VERSIONS,
     WORKER_FILE,
     WORKERS_DIR,
+    resolve_aux_compression,
 )
 
 # The target-config fields that define the feature space a draft is trained in.
@@ -136,6 +139,10 @@ class ExtractSettings:
     feature_dtype: str = "bf16"
     teacher: str = "topk"
     num_shards: int = 1
+    aux_compression: str = DEFAULT_AUX_COMPRESSION  # codec of the feature planes; stored resolved
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "aux_compression", resolve_aux_compression(self.aux_compression, self.feature_dtype))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -146,6 +153,8 @@ class ExtractSettings:
     def from_dict(cls, data: dict[str, Any]) -> "ExtractSettings":
         values = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
         values["layer_ids"] = tuple(values["layer_ids"])
+        # written before the setting existed: those caches used the blosc-zstd chain
+        values.setdefault("aux_compression", LEGACY_AUX_COMPRESSION)
         return cls(**values)
 
 

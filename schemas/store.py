@@ -3,7 +3,9 @@
 Each part is written once, whole: every array is a single shard (the sharding codec) cut into
 inner chunks of about ``INNER_CHUNK_BYTES``, so the writer never rewrites a shard and the reader
 decodes only the inner chunks a sample touches.  Codecs are pinned here, never taken from the
-ambient ``zarr.config``.
+ambient ``zarr.config``; the feature planes' codec is the cache's ``aux_compression`` setting.
+Zarr writes the metadata, and :func:`write_part_group` writes each shard file itself, byte for
+byte what zarr would write, with the chunks compressed on a shared thread pool.
 
 Checksums are computed from the bytes handed to Zarr, in one pass per array: a running CRC32
 recorded after every sample (see :class:`schemas.manifest.ArrayRecord`), whose last value is the
@@ -14,18 +16,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import google_crc32c
+import numcodecs
 import numpy as np
 import zarr
+from numcodecs import get_codec
+from packaging.version import Version
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from schemas.fp8 import dequantize_to_bf16_bits
-from schemas.shard import ShardArray
-from schemas.layout import array_specs
+from schemas.shard import EMPTY_CHUNK, ShardArray
+from schemas.layout import AUX_COMPRESSIONS, DEFAULT_AUX_COMPRESSION, LEGACY_AUX_COMPRESSION, array_specs, resolve_aux_compression
 from schemas.manifest import (
     ArrayRecord,
     CacheError,
@@ -39,15 +46,43 @@ from schemas.manifest import (
 )
 
 INNER_CHUNK_BYTES = 1 << 20
+ENCODE_TASK_BYTES = 8 << 20  # inner chunks per pool task: fewer GIL round trips per byte
 SAMPLE_FIELDS = ("input_ids", "loss_mask", "aux_hidden", "topk_ids", "topk_logprobs", "final_hidden")
+FEATURE_ARRAYS = ("aux_hidden", "final_hidden")  # the planes --aux-compression applies to
 
 
-def _codecs_for(name: str) -> list:
-    if name in ("aux_hidden", "final_hidden"):
-        # bf16 bit patterns: byte-shuffle + fast zstd gains ~1.25x at several hundred MB/s.
-        # (For fp8 codes, typesize 1 makes the shuffle a no-op: plain fast zstd.)
-        return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)]
-    return [ZstdCodec(level=3)]
+def _feature_codecs(aux_compression: str, itemsize: int) -> tuple[list, dict | None]:
+    """Zarr compressors of a feature plane (aux_hidden, final_hidden) and the numcodecs config
+    that encodes the same bytes (None: stored raw).  ``aux_compression`` is resolved (not auto)."""
+    if aux_compression == "blosc-zstd":
+        # The codec of caches written before the option existed (typesize 2 even for fp8 codes,
+        # kept so such caches resume byte-identically): byte-shuffle + fast zstd, ~1.25x.
+        return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)], _blosc_config("zstd", 1, 1, 2)
+    if aux_compression == "zstd":
+        # Plain zstd level 1: the same ~1.23x on bf16 bits (1.17x on fp8 codes), ~1.3x faster
+        # than the blosc chain.
+        return [ZstdCodec(level=1)], {"id": "zstd", "level": 1, "checksum": False}
+    if aux_compression == "lz4":
+        # blosc lz4 with bit-shuffle: ~1.18x on bf16 bits at about twice zstd's speed (encode and
+        # decode); nothing on fp8 codes.
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=itemsize)], _blosc_config("lz4", 5, 2, itemsize)
+    if aux_compression == "none":
+        return [], None
+    raise ValueError(f"aux compression {aux_compression!r} is not one of {', '.join(AUX_COMPRESSIONS)}")
+
+
+def _blosc_config(cname: str, clevel: int, shuffle: int, typesize: int) -> dict:
+    config = {"id": "blosc", "cname": cname, "clevel": clevel, "shuffle": shuffle, "blocksize": 0}
+    # zarr's BloscCodec hands numcodecs the typesize from numcodecs 0.16 on (older ones ignore it)
+    if Version(numcodecs.__version__) >= Version("0.16.0"):
+        config["typesize"] = typesize
+    return config
+
+
+def _codecs_for(name: str, aux_compression: str = LEGACY_AUX_COMPRESSION, itemsize: int = 2) -> tuple[list, dict | None]:
+    if name in FEATURE_ARRAYS:
+        return _feature_codecs(aux_compression, itemsize)
+    return [ZstdCodec(level=3)], {"id": "zstd", "level": 3, "checksum": False}
 
 
 def _inner_rows(row_bytes: int, n_rows: int) -> int:
@@ -73,6 +108,88 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def default_encode_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+_ENCODE_POOLS: dict[int, ThreadPoolExecutor] = {}
+_ENCODE_POOLS_LOCK = threading.Lock()
+
+
+def encode_pool(threads: int | None = None) -> ThreadPoolExecutor:
+    """The process-wide pool (one per size) that compresses inner chunks and checksums arrays for
+    :func:`write_part_group`.  numcodecs and zlib release the GIL on these buffers, so it scales
+    with cores even beside a Python-bound main thread; its threads are never the main thread,
+    which keeps blosc on its single-threaded path (blosc's own threads would reorder blocks, so
+    the bytes would depend on timing).  Several part writers share it."""
+    threads = max(1, int(threads or default_encode_threads()))
+    with _ENCODE_POOLS_LOCK:
+        pool = _ENCODE_POOLS.get(threads)
+        if pool is None:
+            pool = _ENCODE_POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="talon-encode")
+        return pool
+
+
+def _storage_array(values: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """``values`` as a C-contiguous array of the storage dtype.  A signed/unsigned integer pair
+    of one width is reinterpreted in place (the same bits ``astype`` would produce)."""
+    target = np.dtype(storage_dtype)
+    values = np.asarray(values)
+    if values.dtype != target and values.dtype.kind in "iu" and target.kind in "iu" and values.dtype.itemsize == target.itemsize:
+        return np.ascontiguousarray(values).view(target)
+    return np.ascontiguousarray(values, dtype=target)
+
+
+def _all_zero(raw: np.ndarray) -> bool:
+    if raw[:64].any():  # real features almost always end the test here
+        return False
+    return not (raw.view(np.uint64) if raw.nbytes % 8 == 0 else raw).any()
+
+
+def _encode_chunks(codec, data: np.ndarray, starts: range, rows: int) -> list:
+    """Inner chunks ``data[start:start+rows]`` (the last one padded with the fill value 0) as
+    zarr stores them: None for a chunk whose every byte equals the fill value (zarr's default
+    ``write_empty_chunks=False`` leaves such chunks out of the shard), else the encoded bytes."""
+    out = []
+    for start in starts:
+        block = data[start : start + rows]
+        if len(block) < rows:
+            padded = np.zeros((rows,) + data.shape[1:], dtype=data.dtype)
+            padded[: len(block)] = block
+            block = padded
+        raw = block.reshape(-1).view(np.uint8)
+        out.append(None if _all_zero(raw) else codec.encode(raw) if codec is not None else raw)
+    return out
+
+
+def _write_shard(path: Path, tasks: list, n_chunks: int) -> None:
+    """Write a ``sharding_indexed`` shard: the present inner chunks in order (zarr's morton order
+    is plain row order for a column of chunks), then the ``(offset, nbytes)`` uint64 index with
+    its CRC32C.  No file when every chunk is absent, as zarr does.  ``tasks`` are futures of
+    :func:`_encode_chunks`, in chunk order."""
+    index = np.full((n_chunks, 2), EMPTY_CHUNK, dtype="<u8")
+    offset = 0
+    handle = None
+    chunks = (encoded for task in tasks for encoded in task.result())
+    try:
+        for position, encoded in enumerate(chunks):
+            if encoded is None:
+                continue
+            if handle is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(path, "wb")
+            nbytes = memoryview(encoded).nbytes
+            handle.write(encoded)
+            index[position] = (offset, nbytes)
+            offset += nbytes
+        if handle is not None:
+            raw = index.tobytes()
+            handle.write(raw + int(google_crc32c.value(raw)).to_bytes(4, "little"))
+    finally:
+        if handle is not None:
+            handle.close()
+
+
 def write_part_group(
     worker_dir: Path,
     name: str,
@@ -80,35 +197,61 @@ def write_part_group(
     vocab_size: int,
     feature_dtype: str = "bf16",
     teacher: str = "topk",
+    aux_compression: str = DEFAULT_AUX_COMPRESSION,
+    pool: Executor | None = None,
+    direct: bool = True,
 ) -> dict[str, ArrayRecord]:
     """Write one part's arrays into ``<worker_dir>/parts/<name>.zarr`` and return their
     checksummed records.  An existing, unsealed group of the same name (left by a killed run)
-    is replaced."""
+    is replaced.
+
+    zarr writes the metadata; the single shard of each array is written here directly (the
+    layout :mod:`schemas.shard` reads), its inner chunks compressed and the checksums computed
+    on ``pool`` (default :func:`encode_pool`), all arrays at once.  The bytes equal those of
+    zarr's own ``array[...] = data`` (``direct=False``, kept for tests), which costs ~4x more
+    here: per-chunk fill-value scans, a padded copy and a concatenated copy of the whole shard,
+    and one chunk at a time through zarr's event loop."""
     path = group_path(worker_dir, name)
     if path.exists():
         shutil.rmtree(path)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    records: dict[str, ArrayRecord] = {}
+    pool = pool if pool is not None else encode_pool()
+    aux_compression = resolve_aux_compression(aux_compression, feature_dtype)
     offsets = np.asarray(arrays["sample_offsets"], dtype=np.int64)
+    planned = []
     for spec in array_specs(vocab_size, feature_dtype, teacher):
-        data = np.ascontiguousarray(arrays[spec.name], dtype=spec.storage_dtype)
+        data = _storage_array(arrays[spec.name], spec.storage_dtype)
         row_bytes = int(data.itemsize * (int(np.prod(data.shape[1:])) if data.ndim > 1 else 1))
         rows = _inner_rows(row_bytes, data.shape[0])
         chunks = (rows,) + data.shape[1:]
         shard_rows = max(rows, -(-data.shape[0] // rows) * rows)
+        compressors, codec_config = _codecs_for(spec.name, aux_compression, data.itemsize)
         array = group.create_array(
             name=spec.name,
             shape=data.shape,
             dtype=spec.storage_dtype,
             chunks=chunks,
             shards=(shard_rows,) + data.shape[1:],
-            compressors=_codecs_for(spec.name),
+            compressors=compressors or None,
             fill_value=0,
             attributes={"logical_dtype": spec.logical_dtype, "description": spec.description},
         )
-        if data.size:
+        # the longest task (a whole-array checksum) first, then the chunks
+        crcs = pool.submit(running_sample_crc32, data, offsets) if spec.per_token else None
+        encoded = []
+        if data.size and direct:
+            codec = get_codec(dict(codec_config)) if codec_config else None
+            step = rows * max(1, ENCODE_TASK_BYTES // (rows * row_bytes))  # a few chunks per task
+            encoded = [pool.submit(_encode_chunks, codec, data, range(first, min(first + step, shard_rows), rows), rows)
+                       for first in range(0, shard_rows, step)]
+        elif data.size:
             array[...] = data
-        sample_crcs = running_sample_crc32(data, offsets) if spec.per_token else ()
+        planned.append((spec, data, crcs, encoded, shard_rows // rows))
+    records: dict[str, ArrayRecord] = {}
+    for spec, data, crcs, encoded, n_chunks in planned:
+        if encoded:
+            _write_shard(path / spec.name / "/".join(["c"] + ["0"] * data.ndim), encoded, n_chunks)
+        sample_crcs = crcs.result() if crcs is not None else ()
         records[spec.name] = ArrayRecord(
             shape=tuple(int(s) for s in data.shape),
             crc32=sample_crcs[-1] if sample_crcs else crc32_of(data),
@@ -246,9 +389,10 @@ class CacheReader:
 
     def _dequantize(self, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
         """fp8 codes -> bf16 bits on the calling thread.  (Splitting the per-row decode loop over
-        the read pool measured slower on a 16-core H100 host: the loop is GIL-bound.  A trainer
-        that needs more than ~15k tok/s of 8B-shaped fp8 features should read ``raw=True`` and
-        decode on the GPU with :func:`stage_extract.quant.dequantize_fp8`.)"""
+        the read pool measured slower on a 16-core H100 host: the loop is GIL-bound.  That caps
+        this path at ~10-18k tok/s of 8B-shaped features, so ``talon train`` reads ``raw=True``
+        and decodes on its device with :func:`stage_extract.quant.dequantize_fp8`, which gives
+        these same bits; this path serves inspect, validate and other decoded-value callers.)"""
         return dequantize_to_bf16_bits(codes, scales)
 
     def _shard(self, index: int, name: str) -> ShardArray | None:

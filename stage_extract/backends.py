@@ -129,6 +129,12 @@ class HFBackend(_KeyedCompute):
 
     The model is owned by the caller (run.py loads it once for the target identity and the
     cache's target head too), so :meth:`close` leaves it alone.
+
+    On CUDA the next batch is prepared while the previous forward runs, but its kernels are
+    queued only once that forward has finished, waiting on an event (which releases the GIL).
+    Queueing further ahead gains nothing for batches that run a second or more, and it fills
+    CUDA's launch queue (~1,000 kernels, about one 8B forward): the launching thread then blocks
+    inside kernel launches while holding the GIL, which starves the part writers' threads.
     """
 
     name = "hf"
@@ -154,6 +160,7 @@ class HFBackend(_KeyedCompute):
         self.feature_dtype = feature_dtype
         self.teacher = teacher
         self.head_chunk_tokens = int(head_chunk_tokens)
+        self._queued: torch.cuda.Event | None = None  # end of the last queued forward (CUDA)
 
     def feature_batches(self, samples: Sequence[Sample]) -> Iterator[FeatureBatch]:
         check_unique_records(samples)
@@ -170,11 +177,16 @@ class HFBackend(_KeyedCompute):
                 mask[row, : row_lengths[row]] = 1
             if self.device.type == "cuda":  # pinned, so the upload does not wait for queued forwards
                 ids, mask = ids.pin_memory(), mask.pin_memory()
+                if self._queued is not None:  # GIL-free wait, see the class docstring
+                    self._queued.synchronize()
             features = extract_batch(
                 self.model, ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True),
                 layer_ids=self.layer_ids, top_k=self.top_k, feature_dtype=self.feature_dtype, teacher=self.teacher,
                 lengths=row_lengths, head_chunk_tokens=self.head_chunk_tokens,
             )
+            if self.device.type == "cuda":
+                self._queued = torch.cuda.Event(blocking=True)
+                self._queued.record(torch.cuda.current_stream(self.device))
             yield FeatureBatch(
                 positions=[int(s) for s in batch],
                 record_indices=[int(samples[s][0]) for s in batch],

@@ -5,7 +5,8 @@ count from tokenising the first records with the target's chat template and extr
 the record count of the source (every record is parsed, none is run through a model).  Sizes
 are given twice: *raw* (uncompressed, an upper bound the store never exceeds by more than its
 few metadata bytes) and *expected* (raw divided by the compression ratios measured on real
-SmolLM2/ShareGPT caches, :data:`TYPICAL_COMPRESSION`; random or synthetic features compress less).
+SmolLM2/ShareGPT caches, :data:`TYPICAL_COMPRESSION` and :data:`FEATURE_COMPRESSION` (by
+``--aux-compression``); random or synthetic features compress less).
 """
 
 from __future__ import annotations
@@ -16,21 +17,26 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.layout import check_feature_settings, has_final_hidden, raw_bytes_per_token
+from schemas.layout import DEFAULT_AUX_COMPRESSION, check_feature_settings, has_final_hidden, raw_bytes_per_token, resolve_aux_compression
 
 # raw / stored, measured with bench/fp8_error.py on SmolLM2 features of 27 ShareGPT chats
-# (12,860 tokens, top-64; zarr 3.1.6 with the codecs of schemas.store).  final_hidden is
-# assumed to compress like the aux planes.  Random-weight features compress less (bf16 aux
-# states of a random 8B-shaped model: ~1.28x, fp8: ~1.22x, in bench/cache_density.py).
+# (12,860 tokens, top-64; zarr 3.1.6 with the codecs of schemas.store).  Random-weight features
+# compress less (bf16 aux states of a random 8B-shaped model: ~1.28x, fp8: ~1.22x with
+# blosc-zstd, in bench/cache_density.py).  The feature planes are in FEATURE_COMPRESSION.
 TYPICAL_COMPRESSION = {
-    ("aux_hidden", "bf16"): 1.23,
-    ("aux_hidden", "fp8"): 1.17,
     ("aux_scale", "fp8"): 1.16,
-    ("final_hidden", "bf16"): 1.23,
     ("topk_ids", "bf16"): 1.14,
     ("topk_logprobs", "bf16"): 1.17,
     ("input_ids", "bf16"): 1.57,
     ("loss_mask", "bf16"): 8.0,
+}
+# The feature planes (aux_hidden, final_hidden) by --aux-compression: measured on the inner
+# chunks of 6,360 tokens of real SmolLM2 aux states over ShareGPT (lz4 gains nothing on fp8 codes).
+FEATURE_COMPRESSION = {
+    ("blosc-zstd", "bf16"): 1.23, ("blosc-zstd", "fp8"): 1.17,
+    ("zstd", "bf16"): 1.23, ("zstd", "fp8"): 1.17,
+    ("lz4", "bf16"): 1.18, ("lz4", "fp8"): 1.0,
+    ("none", "bf16"): 1.0, ("none", "fp8"): 1.0,
 }
 
 
@@ -101,13 +107,18 @@ def estimate_cache(
     teacher: str,
     tokens: TokenEstimate | None,
     tokens_override: int | None = None,
+    aux_compression: str = DEFAULT_AUX_COMPRESSION,
 ) -> dict:
     """Per-array bytes per token (raw and expected) and the projected totals."""
     check_feature_settings(feature_dtype, teacher)
+    codec = resolve_aux_compression(aux_compression, feature_dtype)
     raw = raw_bytes_per_token(shape.hidden_size, shape.vocab_size, top_k, feature_dtype, teacher)
     expected = {}
     for name, size in raw.items():
-        ratio = TYPICAL_COMPRESSION.get((name, feature_dtype)) or TYPICAL_COMPRESSION.get((name, "bf16"), 1.0)
+        if name in ("aux_hidden", "final_hidden"):  # final_hidden is bf16 bits whatever the aux dtype
+            ratio = FEATURE_COMPRESSION[(codec, feature_dtype if name == "aux_hidden" else "bf16")]
+        else:
+            ratio = TYPICAL_COMPRESSION.get((name, feature_dtype)) or TYPICAL_COMPRESSION.get((name, "bf16"), 1.0)
         expected[name] = size / ratio
     total_tokens = tokens_override if tokens_override is not None else (tokens.tokens if tokens else 0)
     head_bytes = shape.vocab_size * shape.hidden_size * 2  # embed_tokens (bf16 when extracted on GPU)
@@ -116,7 +127,7 @@ def estimate_cache(
     raw_total, expected_total = sum(raw.values()), sum(expected.values())
     return {
         "target": asdict(shape),
-        "settings": {"top_k": top_k, "feature_dtype": feature_dtype, "teacher": teacher},
+        "settings": {"top_k": top_k, "feature_dtype": feature_dtype, "teacher": teacher, "aux_compression": codec},
         "tokens": asdict(tokens) if tokens else None,
         "projected_tokens": total_tokens,
         "arrays": {name: {"raw_bytes_per_token": raw[name], "expected_bytes_per_token": round(expected[name], 1)} for name in raw},

@@ -30,8 +30,15 @@ def quantize_fp8(values: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch
 
 
 def dequantize_fp8(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Inverse of :func:`quantize_fp8` in torch (e.g. on the GPU for a trainer that reads raw codes)."""
-    rows, width = codes.shape
-    groups = scales.shape[1]
-    values = codes.view(torch.float8_e4m3fn).float().reshape(rows, groups, width // groups)
-    return (values * scales.float().unsqueeze(-1)).reshape(rows, width).to(dtype)
+    """Inverse of :func:`quantize_fp8` in torch, on the tensors' device (the trainer reads raw
+    codes and decodes them here after the host-to-device copy).
+
+    ``codes`` [..., groups*W] uint8 and ``scales`` [..., groups] float32, any leading dims.  The
+    product is formed in float32 and rounded once to ``dtype``, so for bf16 the result is
+    bit-identical to the numpy reader's :func:`schemas.fp8.dequantize_to_bf16_bits`."""
+    groups = scales.shape[-1]
+    if codes.shape[:-1] != scales.shape[:-1] or codes.shape[-1] % max(groups, 1):
+        raise ValueError(f"fp8 codes {tuple(codes.shape)} and scales {tuple(scales.shape)} do not fit together")
+    values = codes.view(torch.float8_e4m3fn).float().unflatten(-1, (groups, -1))
+    values.mul_(scales.float().unsqueeze(-1))  # in place: one float32 temporary, not two
+    return values.flatten(-2).to(dtype)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from pipeline.config import ExtractConfig
 from pipeline.runtime import compute_dtype, resolve_device
 from schemas.layout import FINAL_HIDDEN_CONVENTION, SCHEMA_VERSION, TARGET_HEAD_FILE, has_final_hidden, row_widths
 from schemas.manifest import CacheManifest, ExtractSettings, ExtractSpec, read_manifest, read_sealed_parts
-from stage_extract.cache_dir import prepare_cache_dir
+from stage_extract.cache_dir import prepare_cache_dir, resumed_aux_compression
 from stage_extract.chat import tokenize_conversation
 from stage_extract.backends import FeatureBackend, open_backend
 from stage_extract.features import default_aux_layers, validate_aux_layers
@@ -73,12 +74,17 @@ def launch_part(backend: FeatureBackend, builder: PartBuilder, transfer: HostTra
 
 
 def writer_parallelism(device: torch.device) -> dict[str, int]:
-    """Part-writer threads: one on CPU (the cores run the target), several on a GPU host, where
-    compression and checksums of ~1 GB/s of features need more than one core."""
+    """Part-writer threads and the shared compression pool behind them.
+
+    On CPU one of each (the cores run the target).  On a GPU host, where ~0.5-1 GB/s of
+    features must be checksummed and compressed, a pool of up to 8 encoding threads (leaving
+    cores for the main thread and the writers) does that GIL-free work, and 3 writer threads
+    overlap one part's concatenation and file writes with the others' encoding; more writer
+    threads would only hold more parts in memory."""
     if device.type != "cuda":
-        return {"threads": 1, "max_pending": 2}
-    threads = max(1, min(6, (os.cpu_count() or 2) // 2))
-    return {"threads": threads, "max_pending": 2}
+        return {"threads": 1, "max_pending": 2, "encode_threads": 1}
+    cores = os.cpu_count() or 2
+    return {"threads": min(3, max(1, cores // 4)), "max_pending": 2, "encode_threads": max(1, min(8, cores - 3))}
 
 
 def _local_device(device: torch.device) -> torch.device:
@@ -121,8 +127,10 @@ def extract_with_model(cfg: ExtractConfig, tokenizer, model, *, device: torch.de
         feature_dtype=cfg.feature_dtype,
         teacher=cfg.teacher,
         num_shards=shard.count,
+        aux_compression=resumed_aux_compression(Path(cfg.out), cfg.aux_compression),
     )
     spec = ExtractSpec(SCHEMA_VERSION, target_identity(cfg.target, model, tokenizer), settings)
+    cfg = replace(cfg, aux_compression=settings.aux_compression)  # the resolved codec the writer uses
     out = Path(cfg.out)
     state = prepare_cache_dir(out, spec, shard)
     started = time.perf_counter()
@@ -160,7 +168,8 @@ def _extract_shard(cfg: ExtractConfig, tokenizer, backend: FeatureBackend, vocab
     started = time.perf_counter()
     stats = RecordStats()
     widths = row_widths(hidden_size, cfg.top_k, cfg.feature_dtype, cfg.teacher)
-    writer = BackgroundPartWriter(state.worker_dir, vocab_size, cfg.feature_dtype, cfg.teacher, **writer_parallelism(backend.device))
+    writer = BackgroundPartWriter(state.worker_dir, vocab_size, cfg.feature_dtype, cfg.teacher,
+                                  aux_compression=cfg.aux_compression, **writer_parallelism(backend.device))
     transfer = HostTransfer(backend.device)
     builder: PartBuilder | None = None
     pending_tokens = 0

@@ -57,6 +57,6 @@ class HostTransfer:
                 buffer.copy_(tensor, non_blocking=True)
                 tensor.record_stream(self.stream)  # keep the device memory until the copy ran
                 host[name] = buffer
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # a waiting part writer sleeps instead of spinning a core
             event.record(self.stream)
         return HostBatch(host, list(lengths), list(samples), event)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.layout import part_name
+from schemas.layout import DEFAULT_AUX_COMPRESSION, part_name
 from schemas.manifest import PartSeal, write_seal
-from schemas.store import write_part_group
+from schemas.store import encode_pool, write_part_group
 from stage_extract.transfer import HostBatch
 
 FEATURE_PLANES = ("aux_hidden", "aux_scale", "topk_ids", "topk_logprobs", "final_hidden")
@@ -56,6 +56,17 @@ _EMPTY_DTYPES = {"aux_hidden": np.uint16, "aux_scale": np.float32, "topk_ids": n
                  "topk_logprobs": np.float32, "final_hidden": np.uint16}
 
 
+def _samples_finite(finite: np.ndarray, lengths: list[int]) -> np.ndarray:
+    """Per sample of a batch: are all its rows' ``finite`` flags set (one vectorised pass)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ok = np.ones(len(lengths), dtype=bool)
+    present = lengths > 0
+    if present.any():
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))[present]
+        ok[present] = np.logical_and.reduceat(np.asarray(finite, dtype=bool)[: int(lengths.sum())], starts)
+    return ok
+
+
 @dataclass
 class PartBuilder:
     """One part's samples plus the bookkeeping its seal needs.
@@ -88,12 +99,13 @@ class PartBuilder:
         for batch in self.batches:
             batch.wait()
             planes = {name: batch.numpy(name) for name in batch.tensors}
+            finite = _samples_finite(planes["finite"], batch.lengths)
             start = 0
-            for position, n in zip(batch.samples, batch.lengths):
+            for position, n, ok in zip(batch.samples, batch.lengths, finite):
                 rows = slice(start, start + n)
                 start += n
                 item = self.pending[position]
-                if not bool(planes["finite"][rows].all()):
+                if not ok:
                     features[position] = None
                     continue
                 features[position] = SampleFeatures(
@@ -166,19 +178,24 @@ def describe_write_error(err: BaseException, where: Path, action: str = "writing
 class BackgroundPartWriter:
     """Finishes and writes parts in ``threads`` worker threads; seals them strictly in order.
 
-    Zarr encodes one array on one core, so on a GPU host one writer thread caps extraction at
-    ~200 MB/s of features; several threads write several parts at once (each part is its own
-    directory) and a sequencer writes the seals in index order, so a crash can never leave a
-    sealed part after an unsealed one.  At most ``threads + max_pending`` parts are in memory.
-    After an error no further part is sealed.
+    Each worker thread collects and concatenates a part and writes its files; the compression
+    and checksums of every part go to one shared pool of ``encode_threads`` threads
+    (:func:`schemas.store.encode_pool`, GIL-free work), so a part's arrays are encoded on
+    several cores at once.  Several worker threads overlap one part's concatenation and file
+    writes with another's encoding (each part is its own directory), and a sequencer writes the
+    seals in index order, so a crash can never leave a sealed part after an unsealed one.  At most
+    ``threads + max_pending`` parts are in memory.  After an error no further part is sealed.
     """
 
     def __init__(self, worker_dir: Path, vocab_size: int, feature_dtype: str = "bf16", teacher: str = "topk",
-                 max_pending: int = 2, threads: int = 1):
+                 max_pending: int = 2, threads: int = 1, encode_threads: int | None = None,
+                 aux_compression: str = DEFAULT_AUX_COMPRESSION):
         self._dir = Path(worker_dir)
         self._vocab_size = vocab_size
         self._feature_dtype = feature_dtype
         self._teacher = teacher
+        self._aux_compression = aux_compression
+        self._pool = encode_pool(encode_threads)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._turn = threading.Condition()
@@ -204,6 +221,7 @@ class BackgroundPartWriter:
                 records = write_part_group(
                     self._dir, part_name(builder.index), arrays, self._vocab_size,
                     feature_dtype=self._feature_dtype, teacher=self._teacher,
+                    aux_compression=self._aux_compression, pool=self._pool,
                 )
                 seal = builder.seal(arrays, records, source_stats)
                 with self._turn:

@@ -23,6 +23,7 @@ from typing import Union, overload
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "DraftVocabLogits",
@@ -46,6 +47,14 @@ def _shift_tensor_left(tensor: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected a batched sequence tensor with rank >= 2, got shape {tuple(tensor.shape)}")
     tail = torch.zeros_like(tensor[:, :1])
     return torch.cat([tensor[:, 1:], tail], dim=1)
+
+
+def _shift_tensor_left_by(tensor: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` applications of ``_shift_tensor_left`` in one copy (the tensor itself for 0)."""
+    if steps == 0:
+        return tensor
+    steps = min(steps, tensor.shape[1])
+    return torch.cat([tensor[:, steps:], torch.zeros_like(tensor[:, :steps])], dim=1)
 
 
 @dataclass
@@ -268,6 +277,14 @@ class Eagle3TrainerModule(nn.Module):
     non-persistent buffers together with the inverse target -> draft map used by the
     top-k path. When the draft carries ``d2t``/``t2d`` buffers they must describe the
     same mapping, since a mismatch silently misaligns ``lm_head`` rows at serve time.
+
+    ``gradient_checkpointing=True`` runs each TTT step (midlayer, head, log-softmax, soft CE
+    and the hit metrics) under non-reentrant ``torch.utils.checkpoint``: between forward and
+    backward only each step's inputs and outputs (hidden state, this step's K/V, the loss
+    piece) stay alive, and the [B, T, V_d] fp32 logits / log-probs and the MLP activations are
+    recomputed in backward (about one extra step forward). Loss, metrics and gradients are the
+    same as without it; memory then grows with K only by the cached K/V and hidden states.
+    It applies only while autograd records (``torch.is_grad_enabled()``).
     """
 
     def __init__(
@@ -278,6 +295,7 @@ class Eagle3TrainerModule(nn.Module):
         selected_token_mask: torch.Tensor,
         ttt_steps: int,
         step_weight_decay: float = 0.8,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if int(ttt_steps) < 1:
@@ -297,6 +315,7 @@ class Eagle3TrainerModule(nn.Module):
         self.draft_model = draft_model
         self.ttt_steps = int(ttt_steps)
         self.step_weight_decay = float(step_weight_decay)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         self.register_buffer("selected_token_ids", ids, persistent=False)
         self.register_buffer("selected_token_mask", mask, persistent=False)
         self.register_buffer(
@@ -359,6 +378,14 @@ class Eagle3TrainerModule(nn.Module):
         )
         step_loss_mask = loss_mask.bool()
 
+        # The target is passed to every step unshifted and shifted inside the step, so that a
+        # checkpointed step keeps no per-step [B, T, V_d] copy of a dense teacher alive.
+        if isinstance(target, SparseTargetDistribution):
+            target_tensors: tuple[torch.Tensor, torch.Tensor | None] = (target.draft_ids, target.probs)
+        else:
+            target_tensors = (target, None)
+        use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
+
         hidden = draft.project_hidden(aux_hidden_states)
         cache_hidden: list[list[torch.Tensor]] = [[], []]
         ids = input_ids
@@ -373,20 +400,25 @@ class Eagle3TrainerModule(nn.Module):
         for step in range(self.ttt_steps):
             if step > 0:
                 ids = _shift_left_with_zero(ids)
-                target = _shift_left_with_zero(target)
                 position_mask = _shift_left_with_zero(position_mask)
                 step_loss_mask = _shift_left_with_zero(step_loss_mask)
 
-            hidden = draft.decoder_step(draft.embed(ids), hidden, cache_hidden, attention_mask, position_ids)
-            logits = _at_least_fp32(draft.compute_logits(hidden))
-            log_probs = F.log_softmax(logits, dim=-1)
-            ce = _soft_cross_entropy(log_probs, target)
-            ce = torch.where(position_mask, ce, torch.zeros_like(ce))
-            n_valid = position_mask.sum()
-            step_losses.append(ce.sum() / n_valid.clamp_min(1))
+            keys, values = cache_hidden
+            args = (step, len(keys), ids, hidden, attention_mask, position_ids, position_mask, *target_tensors,
+                    *keys, *values)
+            if use_checkpoint:
+                # Every tensor crossing the step boundary is an explicit input or output, and the
+                # step's K/V are appended here, outside, so the recomputation cannot append twice.
+                outputs = checkpoint(self._ttt_step, *args, use_reentrant=False)
+            else:
+                outputs = self._ttt_step(*args)
+            hidden, step_loss, hit, new_keys, new_values = outputs
+            keys.extend(new_keys)
+            values.extend(new_values)
+            step_losses.append(step_loss)
 
             with torch.no_grad():
-                hit = (logits.argmax(dim=-1) == _target_argmax(target)) & position_mask
+                n_valid = position_mask.sum()
                 hit_chain = hit_chain & hit
                 valid_chain = valid_chain & step_loss_mask
                 correct.append(hit.sum())
@@ -417,3 +449,46 @@ class Eagle3TrainerModule(nn.Module):
             prefix_hits=hits_t,
             prefix_valid=pvalid_t,
         )
+
+    def _ttt_step(
+        self,
+        step: int,
+        n_cached: int,
+        ids: torch.Tensor,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        position_mask: torch.Tensor,
+        target_main: torch.Tensor,
+        target_probs: torch.Tensor | None,
+        *cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """One TTT step, free of side effects so that it can be checkpointed and recomputed.
+
+        ``cache`` holds the ``n_cached`` earlier keys followed by as many values; a local
+        ``cache_hidden`` is built from them for ``decoder_step``, and what it appends is
+        returned. ``target_main``/``target_probs`` are the unshifted target (dense probs and
+        None, or sparse draft ids and probs), shifted here by ``step``; ``ids`` and
+        ``position_mask`` arrive already shifted. Returns the new hidden state, the step loss
+        (masked mean soft CE), the hit mask [B, T] (detached) and the new keys and values.
+        """
+        draft = self.draft_model
+        cache_hidden = [list(cache[:n_cached]), list(cache[n_cached:])]
+        hidden = draft.decoder_step(draft.embed(ids), hidden, cache_hidden, attention_mask, position_ids)
+        new_keys, new_values = tuple(cache_hidden[0][n_cached:]), tuple(cache_hidden[1][n_cached:])
+
+        target: TargetDistribution
+        if target_probs is None:
+            target = _shift_tensor_left_by(target_main, step)
+        else:
+            target = SparseTargetDistribution(
+                _shift_tensor_left_by(target_main, step), _shift_tensor_left_by(target_probs, step)
+            )
+        logits = _at_least_fp32(draft.compute_logits(hidden))
+        log_probs = F.log_softmax(logits, dim=-1)
+        ce = _soft_cross_entropy(log_probs, target)
+        ce = torch.where(position_mask, ce, torch.zeros_like(ce))
+        step_loss = ce.sum() / position_mask.sum().clamp_min(1)
+        with torch.no_grad():
+            hit = (logits.argmax(dim=-1) == _target_argmax(target)) & position_mask
+        return hidden, step_loss, hit, new_keys, new_values

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
 from transformers.activations import ACT2FN
@@ -37,6 +38,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 __all__ = [
+    "ATTENTION_BACKENDS",
     "DraftConfig",
     "Eagle3Attention",
     "Eagle3DecoderLayer",
@@ -343,6 +345,26 @@ def _block0_allowed(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
     )
 
 
+ATTENTION_BACKENDS = ("eager", "flex")
+
+
+def _ttt_mask_mod(key_valid: torch.Tensor, seq_len: int):
+    """Flex ``mask_mod`` of one TTT step over the concatenated keys ``[K_0; K_1; ...; K_k]``.
+
+    Key column ``c`` is slot ``c % T`` of block ``c // T``. Block 0 is causal and skips padded
+    keys (``key_valid`` [B, T] bool); block i > 0 is the diagonal: query t sees only ``K_i[t]``.
+    """
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        block = kv_idx // seq_len
+        key = kv_idx - block * seq_len
+        prefix = (block == 0) & (key <= q_idx) & key_valid[b, key]
+        diagonal = (block > 0) & (key == q_idx)
+        return prefix | diagonal
+
+    return mask_mod
+
+
 class Eagle3Attention(nn.Module):
     """Self-attention over the TTT cache (notes §5.2).
 
@@ -350,17 +372,25 @@ class Eagle3Attention(nn.Module):
     TTT steps. At step ``k = len(K_list)``:
 
     * q, K_k, V_k are projected from ``u`` and rotated at positions ``position_ids + k``
-      (the positions the chain tokens occupy at inference); K_k/V_k are GQA-expanded and
-      appended to the cache.
+      (the positions the chain tokens occupy at inference); K_k/V_k are appended to the cache.
     * Block 0: ``q @ K_0^T / sqrt(d)`` with the causal + key-padding mask (the mask is
       never shifted per step).
     * Diagonal blocks i = 1..k: ``s_i[t] = <q_t, K_i[t]> / sqrt(d)``: query t sees only its
       own chain's later keys, never ``K_0[t+1:]``.
-    * One fp32 softmax over the T + k columns; ``out = P[:, :T] @ V_0 + sum_i P[T+i-1] V_i``.
+    * One softmax over the T + k columns; ``out = P[:, :T] @ V_0 + sum_i P[T+i-1] V_i``.
+
+    Two interchangeable backends compute this (``backend``):
+
+    * ``"eager"`` (default): explicit fp32 scores [B, h, T, T] plus the diagonal columns;
+      the cache holds GQA-expanded K/V. Accepts a boolean [B, 1, T, T] block-0 mask too.
+      Fully masked block-0 rows use ``finfo(float32).min`` (finite), so they never yield NaN.
+    * ``"flex"``: one ``flex_attention`` call over the concatenated keys ``[K_0; ...; K_k]``
+      with a block-sparse mask (causal prefix + diagonals), so no [T, T] tensor is built and
+      the diagonal blocks cost one tile each. The cache holds un-expanded K/V (GQA is done by
+      the kernel). Needs a [B, T] padding mask. Compiled on CUDA; elsewhere (flex has no CPU
+      backward) the same concatenated layout and mask run densely through SDPA, for tests.
 
     Nothing is detached, so gradients flow into earlier steps through the cached K/V.
-    Fully masked block-0 rows use ``finfo(float32).min`` (finite), so padded queries never
-    yield NaN.
     """
 
     def __init__(self, config: DraftConfig) -> None:
@@ -375,6 +405,14 @@ class Eagle3Attention(nn.Module):
         self.v_proj = nn.Linear(in_features, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.rotary_emb = _Fp32RotaryEmbedding(config.to_llama_config())
+        self.backend = "eager"
+        self._compiled_flex = None
+
+    def set_backend(self, backend: str) -> None:
+        """Choose ``"eager"`` or ``"flex"`` (see the class docstring); results agree to rounding."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        self.backend = backend
 
     def forward(
         self,
@@ -391,26 +429,59 @@ class Eagle3Attention(nn.Module):
 
         cos, sin = self.rotary_emb(v, position_ids + step)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if self.backend == "flex":
+            out = self._flex_attention(q, k, v, cache_hidden, attention_mask, step)
+        else:
+            out = self._eager_attention(q, k, v, cache_hidden, attention_mask, step)
+        out = out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+    def _eager_attention(self, q, k, v, cache_hidden, attention_mask, step: int) -> torch.Tensor:
+        seq_len = q.shape[2]
         cache_hidden[0].append(_expand_kv(k, self.n_rep))
         cache_hidden[1].append(_expand_kv(v, self.n_rep))
         keys, values = cache_hidden
-
         scale = 1.0 / math.sqrt(self.head_dim)
         allowed = _block0_allowed(attention_mask, seq_len)
         scores0 = torch.matmul(q, keys[0].transpose(-1, -2)).float() * scale
         scores0 = scores0.masked_fill(~allowed, torch.finfo(torch.float32).min)
         if step == 0:
             probs = torch.softmax(scores0, dim=-1).to(values[0].dtype)
-            out = torch.matmul(probs, values[0])
-        else:
-            k_diag = torch.stack(keys[1:], dim=0)  # [k, B, h, T, d]
-            v_diag = torch.stack(values[1:], dim=0)
-            scores_diag = torch.einsum("bhtd,sbhtd->bhts", q, k_diag).float() * scale
-            probs = torch.softmax(torch.cat([scores0, scores_diag], dim=-1), dim=-1).to(values[0].dtype)
-            out = torch.matmul(probs[..., :seq_len], values[0])
-            out = out + torch.einsum("bhts,sbhtd->bhtd", probs[..., seq_len:], v_diag)
-        out = out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+            return torch.matmul(probs, values[0])
+        k_diag = torch.stack(keys[1:], dim=0)  # [k, B, h, T, d]
+        v_diag = torch.stack(values[1:], dim=0)
+        scores_diag = torch.einsum("bhtd,sbhtd->bhts", q, k_diag).float() * scale
+        probs = torch.softmax(torch.cat([scores0, scores_diag], dim=-1), dim=-1).to(values[0].dtype)
+        out = torch.matmul(probs[..., :seq_len], values[0])
+        return out + torch.einsum("bhts,sbhtd->bhtd", probs[..., seq_len:], v_diag)
+
+    def _flex_attention(self, q, k, v, cache_hidden, attention_mask, step: int) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
+
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                "the flex attention backend takes a [B, T] padding mask; use the eager backend for "
+                f"a [B, 1, T, T] block mask (got shape {tuple(attention_mask.shape)})"
+            )
+        bsz, _, seq_len, _ = q.shape
+        cache_hidden[0].append(k)
+        cache_hidden[1].append(v)
+        keys = torch.cat(cache_hidden[0], dim=2).to(q.dtype) if step else k
+        values = torch.cat(cache_hidden[1], dim=2).to(q.dtype) if step else v
+        mask_mod = _ttt_mask_mod(attention_mask.bool(), seq_len)
+        kv_len = (step + 1) * seq_len
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if q.device.type != "cuda":
+            # flex_attention has no CPU backward: run the same layout and mask densely (tests, CPU).
+            allowed = create_mask(mask_mod, bsz, 1, seq_len, kv_len, device=q.device)
+            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~allowed, torch.finfo(q.dtype).min)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale,
+                                                  enable_gqa=self.n_rep > 1)
+        block_mask = create_block_mask(mask_mod, bsz, None, seq_len, kv_len, device=q.device, _compile=True)
+        if self._compiled_flex is None:
+            self._compiled_flex = torch.compile(flex_attention, dynamic=True)
+        return self._compiled_flex(q, keys, values, block_mask=block_mask, scale=scale, enable_gqa=self.n_rep > 1)
 
 
 class Eagle3DecoderLayer(nn.Module):
@@ -535,3 +606,7 @@ class Eagle3DraftModel(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Draft-vocab logits ``lm_head(norm(hidden))`` [B, T, V_d]."""
         return self.lm_head(self.norm(hidden_states))
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Select the TTT attention kernel, ``"eager"`` or ``"flex"`` (see ``Eagle3Attention``)."""
+        self.midlayer.self_attn.set_backend(backend)

@@ -49,11 +49,13 @@ def expected_tensors(config: DraftConfig) -> dict[str, tuple[tuple[int, ...], to
     }
 
 
-def export_draft(draft: Eagle3DraftModel, out_dir: Path, *, target: TargetIdentity, layer_ids: tuple[int, ...], layer_convention: str) -> Path:
+def export_draft(draft: Eagle3DraftModel, out_dir: Path, *, target: TargetIdentity, layer_ids: tuple[int, ...], layer_convention: str,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the draft; ``state_dict`` (e.g. gathered from FSDP2 shards) replaces ``draft.state_dict()``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, tensor in draft.state_dict().items():
+    for name, tensor in (draft.state_dict() if state_dict is None else state_dict).items():
         if name in EXCLUDED:
             continue
         tensor = tensor.detach().to("cpu")

@@ -26,7 +26,8 @@ from schemas.layout import TARGET_HEAD_FILE
 from schemas.manifest import CacheError, CacheManifest, read_manifest, require_same_target
 from schemas.store import CacheReader
 from schemas.validate import validate_cache
-from stage_train.checkpoint import load_latest_checkpoint, restore_rng, rng_state, save_checkpoint
+from stage_train.checkpoint import (full_model_state, full_optimizer_state, load_latest_checkpoint, load_optimizer_state,
+                                    restore_rng, rng_state, save_checkpoint)
 from stage_train.core import Eagle3TrainerModule, TopKLogProbs, _shift_left_with_zero
 from stage_train.data import BatchPlan, FeatureBatch, fields_for_teacher, iterate_batches, iterate_random_access, prefetch
 from stage_train.draft import DraftConfig, Eagle3DraftModel
@@ -71,6 +72,13 @@ def split_samples(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def resolve_attention(requested: str, device: torch.device) -> str:
+    """``auto`` uses the compiled flex kernel on CUDA and the eager kernel elsewhere."""
+    if requested == "auto":
+        return "flex" if device.type == "cuda" else "eager"
+    return requested
+
+
 def resolve_teacher(requested: str, fields: tuple[str, ...]) -> str:
     """``auto`` trains from the exact final-hidden teacher when the cache has it, else top-k."""
     if requested != "auto":
@@ -83,7 +91,8 @@ def shifted_inputs(batch: FeatureBatch, device: torch.device, teacher=None) -> d
 
     ``teacher`` (a callable of the final hidden states) recomputes the exact draft-vocab teacher
     when the batch carries final hidden states instead of top-k log-probs."""
-    aux = batch.aux_hidden_states if device.type == "cuda" else batch.aux_hidden_states.float()
+    aux = batch.aux_states()  # raw fp8 batches are decoded here, on the device they were moved to
+    aux = aux if device.type == "cuda" else aux.float()
     if batch.final_hidden is not None and teacher is not None:
         target = teacher(batch.final_hidden)
     else:
@@ -113,7 +122,8 @@ def evaluate(module: Eagle3TrainerModule, reader, plan: BatchPlan, runtime: Runt
     """Per-step accuracy and simulated acceptance length over the held-out samples."""
     window = MetricWindow(module.ttt_steps, runtime.device)
     module.eval()
-    for batch in prefetch(iterate_random_access(reader, plan, max_length, names), depth=4):
+    pin = runtime.device.type == "cuda"
+    for batch in prefetch(iterate_random_access(reader, plan, max_length, names, raw=True, pin_memory=pin), depth=4):
         batch = batch.to(runtime.device)
         with autocast:
             window.add(module(**shifted_inputs(batch, runtime.device, teacher)), batch.n_tokens)
@@ -151,13 +161,19 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     if checkpoint is not None:
         # The checkpoint's d2t/t2d win: lm_head rows are only meaningful under their own mapping.
         draft.load_state_dict(checkpoint["model"])
+    attention = resolve_attention(cfg.attention, device)
+    draft.set_attention_backend(attention)
     module = Eagle3TrainerModule(
         draft,
         selected_token_ids=draft.draft_to_target_ids(),
         selected_token_mask=draft.t2d,
         ttt_steps=cfg.ttt_steps,
+        gradient_checkpointing=cfg.gradient_checkpointing,
     ).to(device)
     model = runtime.wrap(module, fsdp=cfg.fsdp)
+    # FSDP2 shards `module` in place: its parameters, gradients and the optimizer states become
+    # DTensors, so whole-model values (grad norm, state dicts) are gathered with collectives.
+    sharded = cfg.fsdp and runtime.world_size > 1
     teacher = None
     if teacher_name == "final-hidden":
         head = TargetHead.load(cfg.cache, device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -180,7 +196,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     window = MetricWindow(cfg.ttt_steps, device)
     start_step, position, skipped = 0, (0, 0), 0
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(module, optimizer, checkpoint["optimizer"], sharded=sharded)
         scheduler.load_state_dict(checkpoint["scheduler"])
         window.load_state_dict(checkpoint["window"])
         restore_rng(checkpoint["rng"])
@@ -194,7 +210,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         sink = MetricSink(out, keep_until_step=start_step if checkpoint is not None else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     stream = prefetch(iterate_batches(reader, plan, start_epoch=position[0], start_batch=position[1],
-                                      max_length=cfg.max_length, names=names), depth=4)
+                                      max_length=cfg.max_length, names=names, raw=True,
+                                      pin_memory=device.type == "cuda"), depth=4)
 
     first = last = last_val = None
     started = window_started = time.perf_counter()
@@ -221,6 +238,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                 window.add(metrics, batch.n_tokens)
                 tokens_total += batch.n_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if sharded and hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, the norm over all shards
+                grad_norm = grad_norm.full_tensor()
             finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
             if not bool(runtime.all_reduce_sum(finite.float().reshape(1)) == runtime.world_size):
                 if skipped >= cfg.skip_nonfinite:
@@ -255,10 +274,12 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                 window.reset()
                 window_started = time.perf_counter()
             if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+                model_state = full_model_state(module, "draft_model", sharded=sharded)  # every rank (FSDP2)
+                optimizer_state = full_optimizer_state(module, optimizer, sharded=sharded)
                 if runtime.is_main:
                     save_checkpoint(out, done, {
-                        "model": module.draft_model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
+                        "model": model_state,
+                        "optimizer": optimizer_state,
                         "scheduler": scheduler.state_dict(),
                         "window": window.state_dict(),
                         "rng": rng_state(),
@@ -282,6 +303,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         "resumed_from_step": start_step if checkpoint is not None else None,
         "ttt_steps": cfg.ttt_steps,
         "teacher": teacher_name,
+        "attention": attention,
         "draft_vocab": draft.config.draft_vocab_size,
         "draft_vocab_coverage": round(coverage, 4),
         "world_size": runtime.world_size,
@@ -294,10 +316,11 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         "tokens_per_second": round(tokens_total * runtime.world_size / max(seconds, 1e-9), 1),
         "device": str(device),
     }
+    export_state = full_model_state(module, "draft_model", sharded=True) if sharded else None  # every rank
     if runtime.is_main:
         export_draft(
-            module.draft_model.to("cpu"), out / "export", target=manifest.target,
-            layer_ids=manifest.settings.layer_ids, layer_convention=manifest.layer_convention,
+            module.draft_model if sharded else module.draft_model.to("cpu"), out / "export", target=manifest.target,
+            layer_ids=manifest.settings.layer_ids, layer_convention=manifest.layer_convention, state_dict=export_state,
         )
         write_json_atomic(out / "summary.json", summary)
     runtime.barrier()

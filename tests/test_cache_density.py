@@ -243,3 +243,96 @@ def test_inspect_reports_fp8_arrays(tiny_target_dir, chat_jsonl, tmp_path):
                                    "sample_offsets", "record_index"}
     assert info["arrays"]["aux_hidden"]["bytes_per_token"] < 3 * 64 * 1.1
     assert sum(a["stored_bytes"] for a in info["arrays"].values()) == info["stored_bytes"]
+
+
+def test_torch_fp8_decode_is_bit_identical_to_the_numpy_reader():
+    """The trainer's device-side decode (stage_extract.quant.dequantize_fp8) gives the very bf16
+    bits the CPU reader gives, for every finite code and scales down to float32 subnormals."""
+    from stage_extract.quant import dequantize_fp8
+
+    codes = np.arange(256, dtype=np.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # the two NaN codes, which quantize_fp8 never emits
+    rng = np.random.default_rng(0)
+    scales = np.concatenate([rng.random(40, dtype=np.float32) * 100, rng.random(8, dtype=np.float32) * 1e-3,
+                             np.float32([0.0, 1.0, 1 / 448, 448.0, 3e38 / 448, 1e-30, 1e-38, 2.0**-126])])
+    grid = np.ascontiguousarray(np.broadcast_to(codes, (len(scales), 3, len(codes))).reshape(len(scales), -1))
+    per_layer = np.ascontiguousarray(np.stack([scales, scales[::-1], scales * 0.5], axis=1), dtype=np.float32)
+    expected = dequantize_to_bf16_bits(grid, per_layer)
+    got = dequantize_fp8(torch.from_numpy(grid), torch.from_numpy(per_layer))
+    assert got.dtype == torch.bfloat16
+    assert np.array_equal(got.view(torch.int16).numpy().view(np.uint16), expected)
+    # leading batch dims, as in a padded [B, T, 3H] batch
+    batched = dequantize_fp8(torch.from_numpy(grid).reshape(2, -1, grid.shape[1]), torch.from_numpy(per_layer).reshape(2, -1, 3))
+    assert torch.equal(batched.reshape(got.shape).view(torch.int16), got.view(torch.int16))
+    with pytest.raises(ValueError, match="do not fit"):
+        dequantize_fp8(torch.zeros(4, 10, dtype=torch.uint8), torch.ones(4, 3))
+
+
+def _same_batch(raw, decoded) -> None:
+    from stage_train.trainer import shifted_inputs
+
+    assert raw.is_raw and not decoded.is_raw and raw.aux_hidden_states is None
+    assert raw.aux_codes.dtype == torch.uint8 and raw.aux_scale.dtype == torch.float32
+    assert raw.aux_codes.shape == decoded.aux_hidden_states.shape and raw.aux_scale.shape == raw.aux_codes.shape[:2] + (3,)
+    assert raw.aux_codes.element_size() * 2 == decoded.aux_hidden_states.element_size()  # half the bytes to copy
+    # bit for bit, padding (zero codes, zero scales) included
+    assert torch.equal(raw.aux_states().view(torch.int16), decoded.aux_states().view(torch.int16))
+    assert torch.equal(raw.aux_states(), decoded.aux_hidden_states)
+    for name in ("input_ids", "attention_mask", "loss_mask", "topk_ids", "topk_logprobs"):
+        assert torch.equal(getattr(raw, name), getattr(decoded, name)), name
+    assert raw.n_tokens == decoded.n_tokens
+    a, b = shifted_inputs(raw, torch.device("cpu")), shifted_inputs(decoded, torch.device("cpu"))
+    assert torch.equal(a["aux_hidden_states"], b["aux_hidden_states"]) and a["aux_hidden_states"].dtype == torch.float32
+
+
+def test_raw_fp8_batches_decode_to_the_old_readers_values(tiny_target_dir, chat_jsonl, tmp_path):
+    """The trainer's path (raw codes + scales collated, decoded after ``.to(device)``) gives the
+    aux states the CPU-decoding reader gave, exactly, for ranged and windowed reads."""
+    import itertools
+
+    from stage_train.data import BatchPlan, iterate_batches, load_batch
+
+    out = tmp_path / "fp8"
+    run_extract(extract_config(out, tiny_target_dir, chat_jsonl, feature_dtype="fp8"))
+    reader = CacheReader(out)
+    assert len(reader.manifest.parts) > 1 and len(reader) > 4
+    ids = np.arange(len(reader))
+    for samples, max_length in [(ids, None), (ids[::-1][:5], 17), (ids[2:3], None)]:
+        raw = load_batch(reader, samples, max_length, raw=True).to(torch.device("cpu"))
+        decoded = load_batch(reader, samples, max_length)
+        _same_batch(raw, decoded)
+    plan = BatchPlan(reader, 96, seed=3, window_parts=2)
+    n = plan.batches_per_epoch()
+    raws = itertools.islice(iterate_batches(reader, plan, raw=True, max_length=40), n)
+    olds = itertools.islice(iterate_batches(reader, plan, max_length=40), n)
+    for (e1, i1, raw), (e2, i2, decoded) in zip(raws, olds, strict=True):
+        assert (e1, i1) == (e2, i2)
+        _same_batch(raw.to(torch.device("cpu")), decoded)
+    # other callers (inspect, validate, evaluation) still get decoded bf16 bits by default
+    assert reader.read_sample(0)["aux_hidden"].dtype == np.uint16 and "aux_scale" not in reader.read_sample(0)
+
+
+def test_raw_bf16_batches_are_the_decoded_batches(tiny_cache):
+    from stage_train.data import load_batch
+
+    reader = CacheReader(tiny_cache)
+    raw, plain = load_batch(reader, np.arange(4), raw=True), load_batch(reader, np.arange(4))
+    assert not raw.is_raw and raw.aux_scale is None
+    assert torch.equal(raw.aux_states().view(torch.int16), plain.aux_hidden_states.view(torch.int16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_raw_fp8_batches_decode_on_the_gpu_to_the_cpu_readers_bits(tiny_target_dir, chat_jsonl, tmp_path):
+    from stage_train.data import load_batch
+
+    out = tmp_path / "fp8"
+    run_extract(extract_config(out, tiny_target_dir, chat_jsonl, feature_dtype="fp8"))
+    reader = CacheReader(out)
+    samples = np.arange(len(reader))
+    raw = load_batch(reader, samples, raw=True, pin_memory=True)
+    assert raw.aux_codes.is_pinned() and raw.aux_scale.is_pinned() and raw.input_ids.is_pinned()
+    on_gpu = raw.to(torch.device("cuda")).aux_states()
+    assert on_gpu.is_cuda
+    decoded = load_batch(reader, samples).aux_hidden_states
+    assert torch.equal(on_gpu.cpu().view(torch.int16), decoded.view(torch.int16))

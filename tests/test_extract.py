@@ -18,6 +18,17 @@ from stage_extract.run import run_extract
 from tests.conftest import extract_config
 
 
+def assert_same_samples(a: CacheReader, b: CacheReader) -> None:
+    """Two caches hold the same samples, record for record and array for array, bit-exact."""
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        x, y = a.read_sample(i), b.read_sample(i)
+        assert sorted(x) == sorted(y), i
+        for name in x:
+            assert np.array_equal(x[name], y[name]), (i, name)
+        assert a.record_index(i) == b.record_index(i)
+
+
 def test_default_layers_follow_eagle3_convention():
     assert default_aux_layers(32) == (1, 15, 28)
     assert default_aux_layers(30) == (1, 14, 26)
@@ -192,10 +203,26 @@ def test_parallel_part_writers_write_the_same_cache(tiny_target_dir, chat_jsonl,
     names = [name for name, _ in order]
     assert names != sorted(names)  # groups really were finished out of order
     assert all(seals == [] for name, seals in order if name != "part-000000" and names.index(name) < names.index("part-000000"))
-    a, b = CacheReader(tiny_cache), CacheReader(out)
-    assert len(a) == len(b)
-    for i in range(len(a)):
-        x, y = a.read_sample(i), b.read_sample(i)
-        for name in x:
-            assert np.array_equal(x[name], y[name]), (i, name)
-        assert a.record_index(i) == b.record_index(i)
+    assert_same_samples(CacheReader(tiny_cache), CacheReader(out))
+
+
+def test_aux_compression_changes_the_bytes_not_the_features(tiny_target_dir, chat_jsonl, tiny_cache, tmp_path):
+    """--aux-compression is recorded in the cache and in each array's zarr.json, so readers need
+    no flag; every codec stores the same features; resuming with another codec is refused, and
+    the default (auto) resumes with the cache's own codec."""
+    default = read_manifest(tiny_cache)
+    assert default.settings.aux_compression == "lz4"  # auto, for bf16
+    out = tmp_path / "raw"
+    run_extract(extract_config(out, tiny_target_dir, chat_jsonl, aux_compression="none"))
+    manifest = read_manifest(out)
+    assert manifest.settings.aux_compression == "none"
+    assert manifest.stored_bytes > default.stored_bytes
+    meta = json.loads((out / manifest.parts[0]["path"] / "aux_hidden" / "zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"][0]["configuration"]["codecs"]] == ["bytes"]
+    b = CacheReader(out)
+    assert_same_samples(CacheReader(tiny_cache), b)
+    with pytest.raises(CacheError, match="aux_compression: existing 'none', requested 'zstd'"):
+        run_extract(extract_config(out, tiny_target_dir, chat_jsonl, aux_compression="zstd"))
+    # The default (auto) continues a cache with the codec it was started with.
+    again = run_extract(extract_config(out, tiny_target_dir, chat_jsonl))
+    assert again["samples"] == len(b) and read_manifest(out).settings.aux_compression == "none"

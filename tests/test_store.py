@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -161,3 +163,64 @@ def test_fp8_part_decodes_to_the_reference_bits_for_any_read_path(tmp_path):
         assert np.array_equal(pooled.read_sample(i)["aux_hidden"], expected)
         assert np.array_equal(single.read_sample(i)["aux_hidden"], expected)
     assert np.array_equal(pooled.read_part(0)["aux_hidden"], dequantize_to_bf16_bits(arrays["aux_hidden"], arrays["aux_scale"]))
+
+
+@pytest.mark.parametrize("aux_compression", ["blosc-zstd", "zstd", "lz4", "none"])
+@pytest.mark.parametrize("feature_dtype", ["bf16", "fp8"])
+def test_direct_shard_writes_equal_zarr_writes(tmp_path, monkeypatch, aux_compression, feature_dtype):
+    """write_part_group writes each shard itself (compressing on a thread pool); the files must
+    be byte for byte those zarr's own `array[...] = data` writes: padded last chunks, all-fill
+    chunks left out (no shard at all when every chunk is), -0.0 kept, uint16/uint32 ids."""
+    import schemas.store
+    from schemas.shard import ShardArray
+
+    monkeypatch.setattr(schemas.store, "INNER_CHUNK_BYTES", 64 * 24)  # 64-row inner chunks
+    rng = np.random.default_rng(7)
+    builder = PartBuilder(index=0, first_record=0)
+    builder.samples = _random_samples(rng, 30, 70000)
+    if feature_dtype == "fp8":
+        for sample in builder.samples:
+            sample.aux_hidden = sample.aux_hidden.astype(np.uint8)
+            sample.aux_scale = rng.random((len(sample.input_ids), 3), dtype=np.float32)
+    arrays = builder.arrays()
+    aux_rows = schemas.store._inner_rows(arrays["aux_hidden"][0].nbytes, len(arrays["aux_hidden"]))
+    arrays["aux_hidden"][aux_rows : 2 * aux_rows] = 0  # an all-fill inner chunk
+    arrays["topk_logprobs"][:64] = -0.0  # not the fill value bit for bit: stored
+    arrays["loss_mask"][:] = 0  # every chunk is fill: no shard file
+    written = {}
+    for direct in (True, False):
+        out = tmp_path / ("direct" if direct else "zarr")
+        records = write_part_group(out, "part-000000", arrays, 70000, feature_dtype=feature_dtype,
+                                   aux_compression=aux_compression, pool=schemas.store.encode_pool(3), direct=direct)
+        files = sorted(p for p in (out / "parts").rglob("*") if p.is_file())
+        written[direct] = ({p.relative_to(out): p.read_bytes() for p in files}, records)
+    assert written[True][0].keys() == written[False][0].keys()
+    for path, data in written[True][0].items():
+        assert data == written[False][0][path], path
+    assert written[True][1] == written[False][1]
+    group = tmp_path / "direct" / "parts" / "part-000000.zarr"
+    assert not (group / "loss_mask" / "c").exists()
+    aux = ShardArray.open(group / "aux_hidden")
+    assert (aux.index()[1] == np.iinfo(np.uint64).max).all()
+    assert np.array_equal(aux.read_rows(0, aux.shape[0]), arrays["aux_hidden"])
+    codecs = json.loads((group / "aux_hidden" / "zarr.json").read_text())["codecs"][0]["configuration"]["codecs"]
+    assert [c["name"] for c in codecs] == {"none": ["bytes"], "zstd": ["bytes", "zstd"]}.get(aux_compression, ["bytes", "blosc"])
+
+
+def test_aux_compression_is_recorded_and_old_specs_mean_blosc_zstd():
+    from pipeline.config import ConfigError, ExtractConfig
+    from schemas.layout import DEFAULT_AUX_COMPRESSION, resolve_aux_compression
+
+    assert ExtractConfig(out="x").aux_compression == DEFAULT_AUX_COMPRESSION == "auto"
+    assert resolve_aux_compression("auto", "bf16") == "lz4" and resolve_aux_compression("auto", "fp8") == "zstd"
+    with pytest.raises(ConfigError, match="--aux-compression must be one of"):
+        ExtractConfig(out="x", aux_compression="gzip")
+    settings = _settings()
+    assert settings.aux_compression == "lz4" and settings.to_dict()["aux_compression"] == "lz4"
+    old = settings.to_dict()
+    del old["aux_compression"]  # an extract.json written before the option
+    legacy = ExtractSettings.from_dict(old)
+    assert legacy.aux_compression == "blosc-zstd"
+    spec = ExtractSpec(SCHEMA_VERSION, _identity(), settings)
+    assert ExtractSpec(SCHEMA_VERSION, _identity(), legacy).differences(spec) == [
+        "aux_compression: existing 'blosc-zstd', requested 'lz4'"]

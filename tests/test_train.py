@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -109,3 +110,39 @@ def test_final_hidden_teacher_supervises_the_same_slots_as_topk(tiny_target_dir,
     assert exact["first"]["valid_tokens"] == topk["first"]["valid_tokens"] > 0
     # the targets differ: top-8 drops the tail mass that the exact teacher keeps
     assert exact["first"]["loss"] != topk["first"]["loss"]
+
+
+def test_fp8_cache_trains_exactly_as_from_cpu_decoded_batches(tiny_target_dir, chat_jsonl, tmp_path, monkeypatch):
+    """The trainer reads fp8 caches raw and decodes after the device copy; the losses and
+    accuracies equal those of training on the reader's CPU-decoded batches."""
+    from stage_extract.run import run_extract
+    from stage_train import trainer
+    from tests.conftest import extract_config
+
+    run_extract(extract_config(tmp_path / "cache", tiny_target_dir, chat_jsonl, feature_dtype="fp8"))
+    seen = []
+    original = trainer.shifted_inputs
+
+    def spy(batch, device, teacher=None):
+        seen.append(batch.is_raw)
+        return original(batch, device, teacher)
+
+    monkeypatch.setattr(trainer, "shifted_inputs", spy)
+    cfg = dict(max_steps=3, log_every=1, val_fraction=0.2, eval_every=3)
+    on_device = run_train(train_config(tmp_path / "cache", tmp_path / "raw", **cfg))
+    assert seen and all(seen)  # training and validation batches both arrived raw
+
+    seen.clear()
+    for name in ("iterate_batches", "iterate_random_access"):
+        monkeypatch.setattr(trainer, name, partial(_decoded, getattr(trainer, name)))
+    on_cpu = run_train(train_config(tmp_path / "cache", tmp_path / "decoded", **cfg))
+    assert seen and not any(seen)
+    for key in ("first", "final", "validation"):
+        assert on_device[key] is not None
+        assert {k: v for k, v in on_device[key].items() if k != "tokens_per_second"} == \
+            {k: v for k, v in on_cpu[key].items() if k != "tokens_per_second"}, key
+
+
+def _decoded(function, *args, **kwargs):
+    kwargs["raw"] = False
+    return function(*args, **kwargs)
