@@ -21,7 +21,7 @@ import numpy as np
 
 from schemas.layout import DEFAULT_AUX_COMPRESSION, part_name
 from schemas.manifest import PartSeal, write_seal
-from schemas.store import encode_pool, write_part_group
+from schemas.store import encode_pool, group_path, write_part_group
 from stage_extract.transfer import HostBatch
 
 FEATURE_PLANES = ("aux_hidden", "aux_scale", "topk_ids", "topk_logprobs", "final_hidden")
@@ -198,6 +198,7 @@ class BackgroundPartWriter:
         self._pool = encode_pool(encode_threads)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
+        self._error_where: Path = worker_dir  # the part group being written when it failed
         self._turn = threading.Condition()
         self._next_seal: int | None = None  # index of the part whose seal is due next
         self.sealed: list[PartSeal] = []
@@ -236,11 +237,12 @@ class BackgroundPartWriter:
                 with self._turn:
                     if self._error is None:
                         self._error = err
+                        self._error_where = group_path(self._dir, part_name(builder.index))
                     self._turn.notify_all()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise CacheWriteError(describe_write_error(self._error, self._dir)) from self._error
+            raise CacheWriteError(describe_write_error(self._error, self._error_where, "writing part")) from self._error
 
     def submit(self, builder: PartBuilder, source_stats: dict[str, int]) -> None:
         self._raise_if_failed()

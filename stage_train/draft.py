@@ -25,6 +25,7 @@ see ``Eagle3Attention`` for the exact attention pattern.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -39,6 +40,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "FLEX_TILE",
     "DraftConfig",
     "Eagle3Attention",
     "Eagle3DecoderLayer",
@@ -365,6 +367,25 @@ def _ttt_mask_mod(key_valid: torch.Tensor, seq_len: int):
     return mask_mod
 
 
+FLEX_TILE = 128  # flex_attention's block size; T is padded to a multiple of it
+
+
+@functools.cache
+def _compiled_flex_kernels():
+    """``(create_block_mask, flex_attention)`` compiled once per process (CUDA path).
+
+    Shapes vary from batch to batch (rows, padded length, TTT step, grad mode), and every
+    combination is a Dynamo guard; past the recompile limit torch would silently run the
+    unfused kernel that materialises the scores, so the limit is raised to cover them.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dynamo_config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
+    return torch.compile(create_block_mask), torch.compile(flex_attention, dynamic=True)
+
+
 class Eagle3Attention(nn.Module):
     """Self-attention over the TTT cache (notes §5.2).
 
@@ -379,7 +400,9 @@ class Eagle3Attention(nn.Module):
       own chain's later keys, never ``K_0[t+1:]``.
     * One softmax over the T + k columns; ``out = P[:, :T] @ V_0 + sum_i P[T+i-1] V_i``.
 
-    Two interchangeable backends compute this (``backend``):
+    Two backends compute this (``backend``); they agree to rounding on every row that has a
+    visible key (a row with none, a left-padded query at step 0, is uniform under eager and
+    zero under flex; such slots are never supervised and no other slot reads them):
 
     * ``"eager"`` (default): explicit fp32 scores [B, h, T, T] plus the diagonal columns;
       the cache holds GQA-expanded K/V. Accepts a boolean [B, 1, T, T] block-0 mask too.
@@ -406,10 +429,9 @@ class Eagle3Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.rotary_emb = _Fp32RotaryEmbedding(config.to_llama_config())
         self.backend = "eager"
-        self._compiled_flex = None
 
     def set_backend(self, backend: str) -> None:
-        """Choose ``"eager"`` or ``"flex"`` (see the class docstring); results agree to rounding."""
+        """Choose ``"eager"`` or ``"flex"`` (see the class docstring)."""
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -456,7 +478,7 @@ class Eagle3Attention(nn.Module):
         return out + torch.einsum("bhts,sbhtd->bhtd", probs[..., seq_len:], v_diag)
 
     def _flex_attention(self, q, k, v, cache_hidden, attention_mask, step: int) -> torch.Tensor:
-        from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_mask
 
         if attention_mask.dim() != 2:
             raise ValueError(
@@ -464,24 +486,32 @@ class Eagle3Attention(nn.Module):
                 f"a [B, 1, T, T] block mask (got shape {tuple(attention_mask.shape)})"
             )
         bsz, _, seq_len, _ = q.shape
+        # Pad T to whole tiles: fewer distinct shapes to compile, and every diagonal block then
+        # starts on a tile boundary. Padded keys are invalid; padded query rows are cut off.
+        pad = -seq_len % FLEX_TILE
+        if pad:
+            q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+            attention_mask = F.pad(attention_mask, (0, pad))
+        width = seq_len + pad
         cache_hidden[0].append(k)
         cache_hidden[1].append(v)
         keys = torch.cat(cache_hidden[0], dim=2).to(q.dtype) if step else k
         values = torch.cat(cache_hidden[1], dim=2).to(q.dtype) if step else v
-        mask_mod = _ttt_mask_mod(attention_mask.bool(), seq_len)
-        kv_len = (step + 1) * seq_len
+        mask_mod = _ttt_mask_mod(attention_mask.bool(), width)
+        kv_len = (step + 1) * width
         scale = 1.0 / math.sqrt(self.head_dim)
         if q.device.type != "cuda":
             # flex_attention has no CPU backward: run the same layout and mask densely (tests, CPU).
-            allowed = create_mask(mask_mod, bsz, 1, seq_len, kv_len, device=q.device)
+            allowed = create_mask(mask_mod, bsz, 1, width, kv_len, device=q.device)
             bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
             bias = bias.masked_fill(~allowed, torch.finfo(q.dtype).min)
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale,
-                                                  enable_gqa=self.n_rep > 1)
-        block_mask = create_block_mask(mask_mod, bsz, None, seq_len, kv_len, device=q.device, _compile=True)
-        if self._compiled_flex is None:
-            self._compiled_flex = torch.compile(flex_attention, dynamic=True)
-        return self._compiled_flex(q, keys, values, block_mask=block_mask, scale=scale, enable_gqa=self.n_rep > 1)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale,
+                                                 enable_gqa=self.n_rep > 1)
+        else:
+            build_mask, attend = _compiled_flex_kernels()
+            block_mask = build_mask(mask_mod, bsz, None, width, kv_len, device=q.device)
+            out = attend(q, keys, values, block_mask=block_mask, scale=scale, enable_gqa=self.n_rep > 1)
+        return out[:, :, :seq_len]
 
 
 class Eagle3DecoderLayer(nn.Module):

@@ -260,7 +260,7 @@ def test_full_disk_leaves_sealed_parts_and_no_manifest(tiny_target_dir, chat_jso
 
     monkeypatch.setattr(stage_extract.writer, "write_part_group", disk_fills_on_second_part)
     out = tmp_path / "full"
-    with pytest.raises(CacheWriteError, match="disk is full.*rerun the same command to resume"):
+    with pytest.raises(CacheWriteError, match="writing part .*part-000001.zarr failed: the disk is full.*rerun the same command to resume"):
         run_extract(extract_config(out, tiny_target_dir, chat_jsonl))
     assert not (out / "manifest.json").exists() and not (out / "worker.json").exists()
     assert sorted(p.name for p in (out / "parts").glob("*.json")) == ["part-000000.json"]

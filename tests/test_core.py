@@ -28,7 +28,7 @@ from stage_train.core import (
     _compute_target_distribution,
     _shift_left_with_zero,
 )
-from stage_train.draft import DraftConfig, Eagle3DraftModel
+from stage_train.draft import FLEX_TILE, DraftConfig, Eagle3DraftModel
 
 # Tiny shapes; every size is distinct so a stray [B, T, V] tensor is recognisable.
 H, N_HEADS, N_KV, HEAD_DIM, INTER = 32, 4, 2, 8, 64
@@ -458,7 +458,9 @@ def test_step1_attends_to_step0_kv_causally(backend):
     cache: list[list[torch.Tensor]] = [[], []]
     draft.decoder_step(e0, g0, cache, attn_mask, pos)
     out1 = draft.decoder_step(e1, g1, cache, attn_mask, pos)
-    assert len(cache[0]) == 2 and cache[0][1].shape == (1, N_HEADS if backend == "eager" else N_KV, T, HEAD_DIM)
+    # eager caches GQA-expanded K/V; flex caches K/V per KV head, padded to whole tiles.
+    expected = (1, N_HEADS, T, HEAD_DIM) if backend == "eager" else (1, N_KV, -(-T // FLEX_TILE) * FLEX_TILE, HEAD_DIM)
+    assert len(cache[0]) == 2 and cache[0][1].shape == expected
     (grad,) = torch.autograd.grad(out1[0, t].sum(), e0)
     per_slot = grad[0].abs().sum(-1)
     assert torch.all(per_slot[: t + 1] > 0)
@@ -786,3 +788,32 @@ def test_flex_kernel_matches_eager_on_cuda(dtype):
     for name, grad in g_eager.items():
         cosine = F.cosine_similarity(g_flex[name].flatten(), grad.flatten(), dim=0)
         assert cosine > 0.99, f"{name}: gradient cosine {float(cosine):.4f}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_kernel_stays_compiled_over_mixed_shapes(monkeypatch):
+    """Rows, lengths (below, at and above one tile), TTT steps and grad mode vary in training;
+    each must run the compiled kernel (a recompile-limit fallback raises here) and match eager."""
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True, raising=False)
+    torch.manual_seed(0)
+    config = make_config(vocab_size=1000, draft_vocab_size=200, max_position_embeddings=1024)
+    eager = Eagle3DraftModel(config).cuda()
+    flex = copy.deepcopy(eager)
+    flex.set_attention_backend("flex")
+    selected, mask = torch.arange(200), torch.zeros(1000, dtype=torch.bool)
+    mask[:200] = True
+    gen = torch.Generator().manual_seed(2)
+    for rows, seq in ((1, 50), (3, 128), (2, 300), (1, 700), (4, 90)):
+        ids = torch.randint(0, 1000, (rows, seq), generator=gen)
+        inputs = dict(input_ids=ids, attention_mask=torch.ones(rows, seq, dtype=torch.long), loss_mask=torch.ones(rows, seq),
+                      aux_hidden_states=torch.randn(rows, seq, 3 * H_T, generator=gen),
+                      target_logits=TopKLogProbs(torch.randint(0, 1000, (rows, seq, 4), generator=gen),
+                                                 torch.log_softmax(torch.randn(rows, seq, 4, generator=gen), -1)))
+        inputs = {k: (v.cuda() if torch.is_tensor(v) else TopKLogProbs(v.token_ids.cuda(), v.logprobs.cuda()))
+                  for k, v in inputs.items()}
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                losses = [Eagle3TrainerModule(d, selected_token_ids=selected, selected_token_mask=mask, ttt_steps=3)
+                          .cuda()(**inputs).step_losses for d in (eager, flex)]
+            torch.testing.assert_close(losses[1], losses[0], rtol=2e-4, atol=2e-5)
