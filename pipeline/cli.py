@@ -113,13 +113,14 @@ def inspect(
 
 
 from pipeline.cmd_cache import estimate_command, merge_command, validate_command  # noqa: E402
-from pipeline.cmd_eval import eval_command, regenerate_command  # noqa: E402
+from pipeline.cmd_eval import eval_command, eval_merge_command, regenerate_command  # noqa: E402
 from pipeline.cmd_train import plot_command, sweep_command, train_command  # noqa: E402
 
 app.command("train")(train_command)
 app.command("sweep")(sweep_command)
 app.command("plot")(plot_command)
 app.command("eval")(eval_command)
+app.command("eval-merge")(eval_merge_command)
 app.command("regenerate")(regenerate_command)
 app.command("validate")(validate_command)
 app.command("merge")(merge_command)

@@ -17,7 +17,7 @@ import typer
 from pipeline.cli_common import emit, fail
 from pipeline.config import ConfigError
 
-__all__ = ["eval_command", "regenerate_command"]
+__all__ = ["eval_command", "eval_merge_command", "regenerate_command"]
 
 _ERRORS = (ConfigError, ValueError, FileNotFoundError, RuntimeError, OSError)
 
@@ -40,6 +40,8 @@ def eval_command(
     plot: Annotated[Optional[Path], typer.Option(help="Where to write the per-depth acceptance PNG (default: RUN/eval_acceptance.png beside the export).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Where to write the JSON report (default: RUN/eval.json beside the export).")] = None,
     warmup: Annotated[bool, typer.Option(help="Decode one short prompt first, untimed, so start-up costs stay out of both speeds.")] = True,
+    shard_index: Annotated[int, typer.Option(help="Evaluate only prompts I, I+N, I+2N, ... of the set (this worker's index I); join the shard reports with `talon eval-merge`.")] = 0,
+    num_shards: Annotated[int, typer.Option(help="Number N of eval workers splitting the prompts (processes on one card, or several cards/hosts).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the machine-readable JSON report on stdout instead of text.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
 ) -> None:
@@ -52,11 +54,32 @@ def eval_command(
         cfg = EvalConfig(
             draft=draft, target=target, prompts=prompts, draft_tokens=draft_tokens, max_new_tokens=max_new_tokens,
             temperature=temperature, limit=limit, device=device, dtype=dtype, seed=seed, plot=plot, report=report,
-            warmup=warmup, progress=progress and sys.stderr.isatty(),
+            warmup=warmup, progress=progress and sys.stderr.isatty(), shard_index=shard_index, num_shards=num_shards,
         )
         summary = run_eval(cfg)
     except _ERRORS as err:
         fail(err)
+    _emit_eval(summary, as_json)
+
+
+def eval_merge_command(
+    reports: Annotated[list[Path], typer.Argument(help="The shard reports (eval.json files) of one `talon eval --num-shards N` run, all N of them.")],
+    report: Annotated[Path, typer.Option("--report", help="Where to write the merged JSON report.")],
+    plot: Annotated[Optional[Path], typer.Option(help="Where to write the merged per-depth acceptance PNG (default: the report's path with .png).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the merged JSON report on stdout instead of text.")] = False,
+) -> None:
+    """Join the shard reports of one sharded `talon eval` into one report: acceptance counts,
+    tokens and seconds are added up, and every shard must come from the same draft and settings."""
+    try:
+        from stage_train.evaluate import merge_eval_reports
+
+        summary = merge_eval_reports(list(reports), report, plot)
+    except _ERRORS as err:
+        fail(err)
+    _emit_eval(summary, as_json)
+
+
+def _emit_eval(summary: dict[str, Any], as_json: bool) -> None:
     greedy = {True: "yes", False: f"NO ({len(summary['mismatches'])} turns differ)", None: "not checked (sampling)"}
     per_position = " ".join(f"{p:.2f}" for p in summary["per_position_acceptance"])
     emit(summary, as_json, [

@@ -171,7 +171,9 @@ class BatchPlan:
     """Which samples form each batch, epoch after epoch, reproducibly from a seed.
 
     ``samples`` restricts the plan (e.g. to the training split); ``rank``/``world_size``
-    give each data-parallel rank a disjoint, equally long share of every window.
+    give each data-parallel rank a disjoint, equally long share of every window.  With
+    ``drop_remainder=False`` (validation) no batch is dropped: ranks then differ by at most one
+    batch per window, and :meth:`busiest_rank_batches` says how many the busiest one holds.
     """
 
     def __init__(
@@ -186,6 +188,7 @@ class BatchPlan:
         rank: int = 0,
         world_size: int = 1,
         group: int | None = None,
+        drop_remainder: bool = True,
     ):
         self.lengths = np.minimum(reader.lengths, max_length) if max_length else np.asarray(reader.lengths)
         self.batch_tokens = batch_tokens
@@ -195,16 +198,19 @@ class BatchPlan:
         # Batches are dealt in groups of `group` (world size x gradient accumulation), so every
         # rank sees equally many and an optimizer step always spans one whole group.
         self.group = group or world_size
+        self.drop_remainder = drop_remainder
         chosen = np.ones(len(reader), dtype=bool) if samples is None else np.isin(np.arange(len(reader)), samples)
         part_of = reader.sample_parts
         self._part_samples = [np.flatnonzero((part_of == p) & chosen) for p in range(len(reader.manifest.parts))]
         self._epochs: dict[int, list[Window]] = {}
+        self._busiest: dict[int, int] = {}
 
     def epoch(self, epoch: int) -> list[Window]:
         cached = self._epochs.get(epoch)
         if cached is not None:
             return cached
         rng = np.random.default_rng([self.seed, epoch])
+        self._busiest = {epoch: 0}
         order = [p for p in rng.permutation(len(self._part_samples)) if len(self._part_samples[p])]
         windows = []
         for start in range(0, len(order), self.window_parts):
@@ -212,12 +218,22 @@ class BatchPlan:
             pool = np.concatenate([self._part_samples[p] for p in parts])
             local = shuffled_bucket_batches(self.lengths[pool], self.batch_tokens, rng)
             batches = [pool[b] for b in local]
-            usable = len(batches) - len(batches) % self.group
+            usable = len(batches) - len(batches) % self.group if self.drop_remainder else len(batches)
             mine = tuple(batches[self.rank : usable : self.world_size])
             if mine:
                 windows.append(Window(parts, mine))
+            self._busiest[epoch] = self._busiest.get(epoch, 0) + -(-usable // self.world_size)
         self._epochs = {epoch: windows}  # keep only the current epoch's plan in memory
         return windows
+
+    def busiest_rank_batches(self, epoch: int = 0) -> int:
+        """Batches of the rank with the most in this epoch (equal to everyone's when dropping)."""
+        self.epoch(epoch)
+        return self._busiest[epoch]
+
+    def any_sample(self) -> int:
+        """One sample of the plan (padding batches for ranks with fewer batches)."""
+        return int(next(s for s in self._part_samples if len(s))[0])
 
     def batches_per_epoch(self) -> int:
         return sum(len(w.batches) for w in self.epoch(0))

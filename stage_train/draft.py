@@ -368,6 +368,7 @@ def _ttt_mask_mod(key_valid: torch.Tensor, seq_len: int):
 
 
 FLEX_TILE = 128  # flex_attention's block size; T is padded to a multiple of it
+FLEX_MIN_HEAD_DIM = 16  # the compiled CUDA kernel refuses smaller heads ("embedding dimension ... at least 16")
 
 
 @functools.cache

@@ -37,7 +37,7 @@ from stage_train.draft_inference import Eagle3DraftRunner
 from stage_train.export import load_exported_draft, read_export_config
 from stage_train.speculative import AcceptanceStats, eos_token_ids, speculative_generate, target_generate
 
-__all__ = ["EvalConfig", "aux_layers_of_export", "plot_acceptance", "run_eval", "simulated_tau_of_run"]
+__all__ = ["EvalConfig", "aux_layers_of_export", "merge_eval_reports", "plot_acceptance", "run_eval", "simulated_tau_of_run"]
 
 DEFAULT_DRAFT_TOKENS = 4
 PLOT_NAME = "eval_acceptance.png"
@@ -73,6 +73,8 @@ class EvalConfig:
     report: Path | None = None
     warmup: bool = True
     progress: bool = True
+    shard_index: int = 0
+    num_shards: int = 1
 
     def __post_init__(self) -> None:
         if not (Path(self.draft) / "config.json").is_file():
@@ -89,6 +91,8 @@ class EvalConfig:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}")
         if self.dtype not in EVAL_DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(EVAL_DTYPES)}")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(f"--shard-index must be in [0, --num-shards) (got {self.shard_index} of {self.num_shards})")
 
     @property
     def run_dir(self) -> Path:
@@ -225,6 +229,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     prompts: list[PromptRecord] = list(iter_prompt_records(cfg.prompts, limit=cfg.limit))
     if not prompts:
         raise ValueError(f"{cfg.prompts}: no prompts")
+    prompts = prompts[cfg.shard_index :: cfg.num_shards]  # shard I of N: prompts I, I+N, ...
+    if not prompts:
+        raise ValueError(f"{cfg.prompts}: shard {cfg.shard_index} of {cfg.num_shards} holds no prompts")
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def decode_turn(base_ids: list[int], spec_ids: list[int], max_new: int):
@@ -278,46 +285,125 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     finally:
         bar.close()
 
-    tokens_per_s = spec_tokens / max(spec_seconds, 1e-9)
-    baseline_tokens_per_s = base_tokens / max(base_seconds, 1e-9)
-    # With no verification round at all (every answer ended at the prefill) τ is undefined.
-    per_position = stats.per_position_acceptance() if stats.rounds else []
-    tau = stats.tau if stats.rounds else None
-    report: dict[str, Any] = {
+    meta = {
         "draft": str(export_dir),
         "target": spec,
         "prompts": cfg.prompts,
-        "prompt_count": len(prompts),
-        "turns": turns_done,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "aux_layer_ids": list(layer_ids),
         "draft_tokens": k,
         "temperature": cfg.temperature,
         "max_new_tokens": cfg.max_new_tokens,
-        "tau": round(tau, 4) if tau is not None else None,
-        "per_position_acceptance": [round(p, 4) for p in per_position],
+        "simulated_tau": simulated_tau,
+        "simulated_tau_depth": simulated_depth,
+        "shard": {"index": cfg.shard_index, "count": cfg.num_shards},
+    }
+    totals = {
+        "prompt_count": len(prompts),
+        "turns": turns_done,
         "accept_histogram": list(stats.histogram),
-        "rounds": stats.rounds,
-        "tokens_per_target_forward": round(spec_tokens / max(spec_forwards, 1), 4),
-        "tokens_per_s": round(tokens_per_s, 2),
-        "baseline_tokens_per_s": round(baseline_tokens_per_s, 2),
-        "speedup": round(tokens_per_s / max(baseline_tokens_per_s, 1e-9), 4),
         "generated_tokens": spec_tokens,
         "baseline_generated_tokens": base_tokens,
         "target_forwards": spec_forwards,
         "baseline_target_forwards": base_forwards,
         "seconds": round(spec_seconds, 3),
         "baseline_seconds": round(base_seconds, 3),
-        # Checked only at temperature 0, where the target's own output is deterministic.
-        "greedy_equal": (not mismatches) if cfg.temperature == 0 else None,
         "mismatches": mismatches,
-        "simulated_tau": simulated_tau,
-        "simulated_tau_depth": simulated_depth,
         "warnings": warnings,
     }
-    title = f"{export_dir.resolve().parent.name}/{export_dir.name} on {Path(cfg.prompts).name} (K={k}, T={cfg.temperature:g})"
-    report["plot"] = str(plot_acceptance(cfg.plot_path, per_position, tau=tau, simulated_tau=simulated_tau, title=title))
-    report["report"] = str(cfg.report_path)
-    write_json_atomic(cfg.report_path, report)
+    report = _report(meta, totals)
+    return _write_report(report, cfg.report_path, cfg.plot_path)
+
+
+# ---------------------------------------------------------------------------- reports
+# Fields every shard of one evaluation must agree on before its counts may be added up.
+_SAME_IN_EVERY_SHARD = ("draft", "target", "prompts", "dtype", "aux_layer_ids", "draft_tokens", "temperature",
+                        "max_new_tokens")
+_SUMMED = ("prompt_count", "turns", "generated_tokens", "baseline_generated_tokens", "target_forwards",
+           "baseline_target_forwards", "seconds", "baseline_seconds")
+
+
+def _report(meta: dict[str, Any], totals: dict[str, Any]) -> dict[str, Any]:
+    """The report of an evaluation from its settings and raw counts (one shard or merged)."""
+    stats = AcceptanceStats(int(meta["draft_tokens"]), list(totals["accept_histogram"]))
+    # With no verification round at all (every answer ended at the prefill) τ is undefined.
+    tau = stats.tau if stats.rounds else None
+    tokens_per_s = totals["generated_tokens"] / max(totals["seconds"], 1e-9)
+    baseline_tokens_per_s = totals["baseline_generated_tokens"] / max(totals["baseline_seconds"], 1e-9)
+    return {
+        **meta,
+        **totals,
+        "tau": round(tau, 4) if tau is not None else None,
+        "per_position_acceptance": [round(p, 4) for p in stats.per_position_acceptance()] if stats.rounds else [],
+        "rounds": stats.rounds,
+        "tokens_per_target_forward": round(totals["generated_tokens"] / max(totals["target_forwards"], 1), 4),
+        "tokens_per_s": round(tokens_per_s, 2),
+        "baseline_tokens_per_s": round(baseline_tokens_per_s, 2),
+        "speedup": round(tokens_per_s / max(baseline_tokens_per_s, 1e-9), 4),
+        # Checked only at temperature 0, where the target's own output is deterministic.
+        "greedy_equal": (not totals["mismatches"]) if meta["temperature"] == 0 else None,
+    }
+
+
+def _write_report(report: dict[str, Any], report_path: Path, plot_path: Path) -> dict[str, Any]:
+    shard = report.get("shard") or {"count": 1}
+    part = f", shard {shard['index'] + 1}/{shard['count']}" if shard["count"] > 1 else ""
+    title = (f"{Path(report['draft']).resolve().parent.name}/{Path(report['draft']).name} on "
+             f"{Path(report['prompts']).name} (K={report['draft_tokens']}, T={report['temperature']:g}{part})")
+    report["plot"] = str(plot_acceptance(plot_path, report["per_position_acceptance"], tau=report["tau"],
+                                         simulated_tau=report["simulated_tau"], title=title))
+    report["report"] = str(report_path)
+    write_json_atomic(report_path, report)
     return report
+
+
+def merge_eval_reports(paths: list[Path], report_path: Path, plot_path: Path | None = None) -> dict[str, Any]:
+    """Add up the shard reports of one evaluation (``talon eval --shard-index I --num-shards N``).
+
+    Refuses reports of different drafts or settings, a shard given twice, and missing shards,
+    naming the file.  Speeds are summed tokens over summed seconds: each shard's speculative and
+    baseline timings come from the same process under the same load, so their ratio stays fair
+    when shards share a card.
+    """
+    if not paths:
+        raise ValueError("no reports to merge")
+    reports = []
+    for path in paths:
+        try:
+            reports.append((Path(path), json.loads(Path(path).read_text())))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a readable eval report ({err})") from None
+    first_path, first = reports[0]
+    count = (first.get("shard") or {"count": 1})["count"]
+    seen: dict[int, Path] = {}
+    for path, report in reports:
+        missing = [key for key in (*_SAME_IN_EVERY_SHARD, *_SUMMED, "accept_histogram", "mismatches") if key not in report]
+        if missing:
+            raise ValueError(f"{path}: not an eval report (missing {', '.join(missing)})")
+        differ = [key for key in _SAME_IN_EVERY_SHARD if report[key] != first[key]]
+        if differ:
+            raise ValueError(f"{path}: {', '.join(f'{k}={report[k]!r}' for k in differ)} differs from {first_path} "
+                             f"({', '.join(f'{k}={first[k]!r}' for k in differ)}); these are not shards of one evaluation")
+        shard = report.get("shard") or {"index": 0, "count": 1}
+        if shard["count"] != count:
+            raise ValueError(f"{path}: shard of {shard['count']}, but {first_path} is a shard of {count}")
+        if shard["index"] in seen:
+            raise ValueError(f"{path}: shard {shard['index']} given twice (also {seen[shard['index']]})")
+        seen[shard["index"]] = path
+    absent = sorted(set(range(count)) - set(seen))
+    if absent:
+        raise ValueError(f"cannot merge: shard(s) {absent} of {count} missing")
+    meta = {key: first[key] for key in (*_SAME_IN_EVERY_SHARD, "simulated_tau", "simulated_tau_depth")}
+    meta["device"] = ", ".join(sorted({r["device"] for _, r in reports}))
+    meta["shard"] = {"index": 0, "count": 1, "merged_from": count}
+    histograms = [r["accept_histogram"] for _, r in reports]
+    totals: dict[str, Any] = {key: sum(r[key] for _, r in reports) for key in _SUMMED}
+    totals["seconds"] = round(totals["seconds"], 3)
+    totals["baseline_seconds"] = round(totals["baseline_seconds"], 3)
+    totals["accept_histogram"] = [sum(column) for column in zip(*histograms)]
+    totals["mismatches"] = sorted((m for _, r in reports for m in r["mismatches"]),
+                                  key=lambda m: (m["record_index"], m["turn"]))
+    totals["warnings"] = sorted({w for _, r in reports for w in r.get("warnings", [])})
+    plot = plot_path if plot_path is not None else Path(report_path).with_suffix(".png")
+    return _write_report(_report(meta, totals), Path(report_path), plot)

@@ -29,8 +29,9 @@ from schemas.validate import validate_cache
 from stage_train.checkpoint import (full_model_state, full_optimizer_state, load_latest_checkpoint, load_optimizer_state,
                                     restore_rng, rng_state, save_checkpoint)
 from stage_train.core import Eagle3TrainerModule, TopKLogProbs, _shift_left_with_zero
-from stage_train.data import BatchPlan, FeatureBatch, fields_for_teacher, iterate_batches, iterate_random_access, prefetch
-from stage_train.draft import DraftConfig, Eagle3DraftModel
+from stage_train.data import (BatchPlan, FeatureBatch, fields_for_teacher, iterate_batches, iterate_random_access, load_batch,
+                              prefetch)
+from stage_train.draft import FLEX_MIN_HEAD_DIM, DraftConfig, Eagle3DraftModel
 from stage_train.export import export_draft
 from stage_train.metrics import MetricSink, MetricWindow
 from stage_train.schedule import warmup_cosine
@@ -72,10 +73,15 @@ def split_samples(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def resolve_attention(requested: str, device: torch.device) -> str:
-    """``auto`` uses the compiled flex kernel on CUDA and the eager kernel elsewhere."""
+def resolve_attention(requested: str, device: torch.device, head_dim: int = FLEX_MIN_HEAD_DIM) -> str:
+    """``auto`` uses the compiled flex kernel on CUDA and the eager kernel elsewhere, or where the
+    draft's heads are narrower than the CUDA kernel supports (tiny test models)."""
+    flex_fits = head_dim >= FLEX_MIN_HEAD_DIM
     if requested == "auto":
-        return "flex" if device.type == "cuda" else "eager"
+        return "flex" if device.type == "cuda" and flex_fits else "eager"
+    if requested == "flex" and device.type == "cuda" and not flex_fits:
+        raise ConfigError(f"--attention flex needs head_dim >= {FLEX_MIN_HEAD_DIM} on CUDA (the draft has {head_dim}); "
+                          "use --attention eager or auto")
     return requested
 
 
@@ -118,15 +124,30 @@ def resolve_resume(run_dir: Path, overrides: dict) -> TrainConfig:
 
 
 @torch.no_grad()
-def evaluate(module: Eagle3TrainerModule, reader, plan: BatchPlan, runtime: Runtime, autocast, max_length, names, teacher) -> dict:
-    """Per-step accuracy and simulated acceptance length over the held-out samples."""
+def evaluate(module: Eagle3TrainerModule, reader, plan: BatchPlan, runtime: Runtime, autocast, max_length, names, teacher,
+             *, collective: bool = False) -> dict:
+    """Per-step accuracy and simulated acceptance length over the held-out samples.
+
+    Every held-out batch is counted once, on one rank.  ``collective`` (FSDP-sharded modules,
+    whose forward all-gathers parameters) makes ranks with fewer batches run uncounted padding
+    forwards until they have run as many as the busiest rank, so the collectives pair up.
+    """
     window = MetricWindow(module.ttt_steps, runtime.device)
     module.eval()
     pin = runtime.device.type == "cuda"
+    forwards = 0
+    last = None
     for batch in prefetch(iterate_random_access(reader, plan, max_length, names, raw=True, pin_memory=pin), depth=4):
-        batch = batch.to(runtime.device)
+        last = batch = batch.to(runtime.device)
         with autocast:
             window.add(module(**shifted_inputs(batch, runtime.device, teacher)), batch.n_tokens)
+        forwards += 1
+    if collective:
+        if last is None:
+            last = load_batch(reader, np.array([plan.any_sample()]), max_length, names, raw=True).to(runtime.device)
+        for _ in range(plan.busiest_rank_batches() - forwards):
+            with autocast:
+                module(**shifted_inputs(last, runtime.device, teacher))
     module.train()
     return window.summary(runtime)
 
@@ -161,7 +182,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     if checkpoint is not None:
         # The checkpoint's d2t/t2d win: lm_head rows are only meaningful under their own mapping.
         draft.load_state_dict(checkpoint["model"])
-    attention = resolve_attention(cfg.attention, device)
+    attention = resolve_attention(cfg.attention, device, draft.config.head_dim)
     draft.set_attention_backend(attention)
     module = Eagle3TrainerModule(
         draft,
@@ -186,7 +207,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     plan = BatchPlan(reader, cfg.batch_tokens, cfg.seed, max_length=cfg.max_length, samples=train_ids,
                      rank=runtime.rank, world_size=runtime.world_size, group=group)
     val_plan = BatchPlan(reader, cfg.batch_tokens, cfg.seed, max_length=cfg.max_length, samples=val_ids,
-                         rank=runtime.rank, world_size=runtime.world_size, group=runtime.world_size) if len(val_ids) else None
+                         rank=runtime.rank, world_size=runtime.world_size, drop_remainder=False) if len(val_ids) else None
     steps_per_epoch = max(1, plan.batches_per_epoch() // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = int(cfg.warmup_ratio * total_steps)
@@ -262,7 +283,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                 record["tokens_per_second"] = round(summary.get("tokens", 0) / max(now - window_started, 1e-9), 1)
                 if val_plan is not None and cfg.eval_every and done % cfg.eval_every == 0:
                     eval_started = time.perf_counter()
-                    last_val = evaluate(module, reader, val_plan, runtime, autocast, cfg.max_length, names, teacher)
+                    last_val = evaluate(module, reader, val_plan, runtime, autocast, cfg.max_length, names, teacher,
+                                        collective=sharded)
                     eval_seconds += time.perf_counter() - eval_started
                     record.update({f"val_{k}": v for k, v in last_val.items()})
                 if sink is not None:
@@ -295,7 +317,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
             sink.close()
     seconds = time.perf_counter() - started - eval_seconds  # training time, validation excluded
     if val_plan is not None:
-        last_val = evaluate(module, reader, val_plan, runtime, autocast, cfg.max_length, names, teacher)
+        last_val = evaluate(module, reader, val_plan, runtime, autocast, cfg.max_length, names, teacher,
+                                        collective=sharded)
     summary = {
         "run": str(out),
         "export": str(out / "export"),

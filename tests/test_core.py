@@ -797,7 +797,8 @@ def test_flex_kernel_stays_compiled_over_mixed_shapes(monkeypatch):
     each must run the compiled kernel (a recompile-limit fallback raises here) and match eager."""
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True, raising=False)
     torch.manual_seed(0)
-    config = make_config(vocab_size=1000, draft_vocab_size=200, max_position_embeddings=1024)
+    config = make_config(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
+                         head_dim=16, vocab_size=1000, draft_vocab_size=200, max_position_embeddings=1024)
     eager = Eagle3DraftModel(config).cuda()
     flex = copy.deepcopy(eager)
     flex.set_attention_backend("flex")
@@ -817,3 +818,16 @@ def test_flex_kernel_stays_compiled_over_mixed_shapes(monkeypatch):
                 losses = [Eagle3TrainerModule(d, selected_token_ids=selected, selected_token_mask=mask, ttt_steps=3)
                           .cuda()(**inputs).step_losses for d in (eager, flex)]
             torch.testing.assert_close(losses[1], losses[0], rtol=2e-4, atol=2e-5)
+
+
+def test_auto_attention_picks_flex_only_where_the_cuda_kernel_fits():
+    from pipeline.config import ConfigError
+    from stage_train.trainer import resolve_attention
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_attention("auto", cuda, 64) == "flex"
+    assert resolve_attention("auto", cuda, 8) == "eager"  # the compiled kernel needs heads of >= 16
+    assert resolve_attention("auto", cpu, 64) == "eager"
+    assert resolve_attention("flex", cpu, 8) == "flex"  # the CPU path is dense SDPA over the same layout
+    with pytest.raises(ConfigError, match="head_dim >= 16"):
+        resolve_attention("flex", cuda, 8)

@@ -362,3 +362,41 @@ def test_eval_config_rejects_bad_values(tmp_path):
     with pytest.raises(ConfigError, match="--device"):
         EvalConfig(draft=tmp_path, device="tpu")
     assert EvalConfig(draft=tmp_path).plot_path == tmp_path.resolve().parent / "eval_acceptance.png"
+
+
+def test_sharded_eval_merges_to_the_unsharded_report(trained_smollm2_run, smollm2_dir, tmp_path):
+    """`--shard-index I --num-shards N` splits the prompts; `talon eval-merge` adds the shards
+    up to exactly the unsharded counts, and refuses duplicate, missing or foreign shards."""
+    from stage_train.evaluate import EvalConfig, merge_eval_reports, run_eval
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                               ("Name three primary colours.", "What is the capital of France?", "Count to five.")))
+
+    def evaluate(name: str, **kwargs) -> Path:
+        report = tmp_path / f"{name}.json"
+        run_eval(EvalConfig(draft=trained_smollm2_run / "export", target=str(smollm2_dir), prompts=str(prompts),
+                            max_new_tokens=12, device="cpu", warmup=False, progress=False, report=report,
+                            plot=tmp_path / f"{name}.png", **kwargs))
+        return report
+
+    whole = json.loads(evaluate("whole").read_text())
+    shards = [evaluate(f"shard{i}", shard_index=i, num_shards=2) for i in range(2)]
+    assert [json.loads(p.read_text())["prompt_count"] for p in shards] == [2, 1]  # prompts 0, 2 | 1
+    merged = merge_eval_reports(shards[::-1], tmp_path / "merged.json")
+    for key in ("accept_histogram", "rounds", "tau", "per_position_acceptance", "turns", "prompt_count",
+                "generated_tokens", "baseline_generated_tokens", "target_forwards", "greedy_equal", "mismatches"):
+        assert merged[key] == whole[key], key
+    assert merged["shard"] == {"index": 0, "count": 1, "merged_from": 2}
+    assert (tmp_path / "merged.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with pytest.raises(ValueError, match="shard 0 given twice"):
+        merge_eval_reports([shards[0], shards[0]], tmp_path / "x.json")
+    with pytest.raises(ValueError, match=r"shard\(s\) \[1\] of 2 missing"):
+        merge_eval_reports([shards[0]], tmp_path / "x.json")
+    foreign = json.loads(shards[1].read_text()) | {"draft_tokens": 5}
+    (tmp_path / "foreign.json").write_text(json.dumps(foreign))
+    with pytest.raises(ValueError, match="foreign.json: draft_tokens=5 differs"):
+        merge_eval_reports([shards[0], tmp_path / "foreign.json"], tmp_path / "x.json")
+    with pytest.raises(ConfigError, match="--shard-index"):
+        EvalConfig(draft=trained_smollm2_run / "export", shard_index=2, num_shards=2)

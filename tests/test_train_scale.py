@@ -100,8 +100,10 @@ def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tiny_cache, tmp_pat
     the uninterrupted run exactly."""
     from safetensors.torch import load_file
 
-    args = [*TRAIN_ARGS, "--max-steps", "6", "--save-every", "2", "--val-fraction", "0.3", "--eval-every", "2"]
-    args[args.index("--batch-tokens") + 1] = "128"  # two held-out batches: one per rank, or both in one process
+    # One held-out batch: rank 0 validates it, rank 1 has none and must still pair rank 0's
+    # all-gathers with padding forwards; the held-out set is counted whole, exactly once.
+    args = [*TRAIN_ARGS, "--max-steps", "6", "--save-every", "2", "--val-fraction", "0.25", "--eval-every", "2"]
+    args[args.index("--batch-tokens") + 1] = "128"
     single = _cli(["train", "--cache", str(tiny_cache), "--out", str(tmp_path / "one"), *args, "--grad-accum", "2"])
     sharded = _torchrun(["train", "--cache", str(tiny_cache), "--out", str(tmp_path / "two"), *args, "--fsdp"], 29527)
     _, err = sharded.communicate(timeout=300)
@@ -115,7 +117,9 @@ def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tiny_cache, tmp_pat
         assert b[4] == pytest.approx(a[4], rel=1e-5)  # validation loss: evaluated on the sharded model
         assert b[2] == a[2] and b[3] == a[3] and b[5] == a[5] and b[6] == a[6]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    reference = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["validation"]["valid_tokens"] > 0
+    assert summary["validation"]["valid_tokens"] == reference["validation"]["valid_tokens"]
 
     # Checkpoints are gathered into the single-process format: full CPU tensors, position-keyed optimizer.
     ref, got = _state(tmp_path / "one", 4), _state(tmp_path / "two", 4)
