@@ -20,9 +20,12 @@ Default sizes finish in about 3 minutes on one H100.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -86,6 +89,41 @@ def time_forwards(model, samples, batch_tokens: int, device, layer_ids, top_k: i
     return backbone, features
 
 
+@contextlib.contextmanager
+def phase_timers():
+    """Seconds spent in each hand-off phase of the run path, summed over calls and threads:
+    ``submit`` (main thread: pinned buffers + queued copies), ``collect`` (writer: wait for the
+    copies, split samples), ``concat`` (writer: one array per plane) and ``write`` (writer:
+    encode, checksum and write a part's files).  Patched in for the run, restored after."""
+    import stage_extract.transfer as transfer
+    import stage_extract.writer as writer
+
+    totals = {"submit": 0.0, "collect": 0.0, "concat": 0.0, "write": 0.0}
+    lock = threading.Lock()
+
+    def timed(phase, function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                with lock:
+                    totals[phase] += time.perf_counter() - started
+        return wrapper
+
+    patches = [(transfer.HostTransfer, "submit", "submit"), (writer.PartBuilder, "collect", "collect"),
+               (writer.PartBuilder, "arrays", "concat"), (writer, "write_part_group", "write")]
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
+    for owner, attr, phase in patches:
+        setattr(owner, attr, timed(phase, getattr(owner, attr)))
+    try:
+        yield totals
+    finally:
+        for owner, attr, original in saved:
+            setattr(owner, attr, original)
+
+
 def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path) -> list[list]:
     from pipeline.config import ExtractConfig
     from stage_extract.run import extract_with_model
@@ -106,9 +144,13 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path) -
                             aux_compression=args.aux_compression)
         sync(device)
         started = time.perf_counter()
-        summary = extract_with_model(cfg, tokenizer, model, device=device, dtype=dtype)
+        with phase_timers() as phases:
+            summary = extract_with_model(cfg, tokenizer, model, device=device, dtype=dtype)
         sync(device)
-        run = summary["tokens"] / (time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        run = summary["tokens"] / seconds
+        print(f"{name} {setting}: run {seconds:.2f} s; summed phase seconds: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()), file=sys.stderr)
         rows.append([name, setting, n_tokens, round(n_tokens / tokenise_seconds), round(backbone), round(features),
                      round(run), f"{run / features:.2f}", f"{summary['bytes_per_token'] / 1024:.2f}",
                      f"{run * summary['bytes_per_token'] / 1e6:,.1f}"])

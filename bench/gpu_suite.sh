@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues #2 and #6 in one call (after staging, see ../shared/gpu/README.md):
+#   SUITE="tests multi train extract reader" bash bench/gpu_suite.sh [OUT_DIR]
+# Each step writes its table and log under OUT_DIR (default $OUT, else bench-out) and the suite
+# goes on after a failed step. `multi` needs 2 GPUs and runs first, so that a 2-GPU lease is
+# spent on what needs it; the single-GPU steps then use GPU 0 alone.
+set -u
+out=${1:-${OUT:-bench-out}}
+suite=${SUITE:-tests multi train extract reader}
+mkdir -p "$out"
+syn=${SYNTHETIC_CACHE:-/tmp/talon-bench-synthetic}  # one synthetic 8B-shape cache shared by multi and train
+
+step() {  # name command...: run, keep the last lines of its output, never stop the suite
+  local name=$1; shift
+  echo "== $name: $*"
+  local started=$SECONDS
+  "$@" > "$out/$name.log" 2>&1
+  echo "== $name exit $? in $((SECONDS - started)) s"
+  grep -v "^DEBUG" "$out/$name.log" | tail -n 25
+}
+
+gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+for item in $suite; do
+  case $item in
+    tests) step gpu_tests python -m pytest -m gpu -q -p no:cacheprovider ;;
+    multi)
+      if [ "$gpus" -ge 2 ]; then
+        step multi_gpu python bench/multi_gpu_train.py --device cuda --nproc 2 --cache "$syn" --out "$out/multi_gpu.json"
+      else
+        echo "== multi_gpu skipped: $gpus GPU(s)"
+      fi ;;
+    train) CUDA_VISIBLE_DEVICES=0 step train_speed python bench/train_speed.py --device cuda --batch-tokens 8192,16384 \
+             --cache "$syn" --out "$out/train_speed.json" ;;
+    extract) CUDA_VISIBLE_DEVICES=0 step extract_speed python bench/extract_speed.py --device cuda ;;
+    reader) CUDA_VISIBLE_DEVICES=0 step reader_speed python bench/reader_speed.py --device cuda ;;
+    *) echo "unknown suite item: $item (tests, multi, train, extract, reader)" ;;
+  esac
+done
