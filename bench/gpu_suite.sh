@@ -29,7 +29,7 @@ for item in $suite; do
       else
         echo "== multi_gpu skipped: $gpus GPU(s)"
       fi ;;
-    train) CUDA_VISIBLE_DEVICES=0 step train_speed python bench/train_speed.py --device cuda --batch-tokens 8192,16384 \
+    train) CUDA_VISIBLE_DEVICES=0 step train_speed python bench/train_speed.py --device cuda --batch-tokens 8192,16384 --profile 3 \
              --cache "$syn" --out "$out/train_speed.json" ;;
     extract) CUDA_VISIBLE_DEVICES=0 step extract_speed python bench/extract_speed.py --device cuda ;;
     reader) CUDA_VISIBLE_DEVICES=0 step reader_speed python bench/reader_speed.py --device cuda ;;

@@ -171,6 +171,54 @@ def timed(step_fn, items: list, warmup: int, steps: int, device) -> dict:
             "steps": steps, "warmup_steps": warmup}
 
 
+# Kernel (or, on CPU, operator) names -> where the draft step's time goes.  First match wins.
+PROFILE_CATEGORIES = (
+    ("attention (flex / sdpa)", ("flex", "attention", "triton_tem", "fmha", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
+    ("softmax / soft CE / top-k target", ("softmax", "logsumexp", "gather", "scatter", "log_softmax", "argmax", "nll")),
+    ("optimizer + grad clip", ("adam", "foreach", "multi_tensor")),
+    ("copies / casts", ("copy", "cast", "to_copy", "memcpy", "memset", "fill")),
+)
+
+
+def profile_step(step_fn, items: list, steps: int, device, top: int = 15) -> dict:
+    """Device time of ``steps`` steps by kernel (CUDA) or operator (CPU), and by category."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    step_fn(items[0])  # one untimed step outside the profile
+    sync(device)
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step_fn(items[i % len(items)])
+        sync(device)
+    events = prof.key_averages()
+
+    def self_us(event) -> float:
+        if cuda:
+            return float(getattr(event, "self_device_time_total", 0.0) or getattr(event, "self_cuda_time_total", 0.0) or 0.0)
+        return float(event.self_cpu_time_total)
+
+    rows = [(event.key, self_us(event), event.count) for event in events]
+    rows = [r for r in rows if r[1] > 0 and (cuda or r[0].startswith("aten::"))]
+    total = sum(r[1] for r in rows) or 1.0
+    categories: dict[str, float] = {}
+    for name, us, _ in rows:
+        lowered = name.lower()
+        label = next((label for label, keys in PROFILE_CATEGORIES if any(k in lowered for k in keys)), "other elementwise")
+        categories[label] = categories.get(label, 0.0) + us
+    rows.sort(key=lambda r: -r[1])
+    return {
+        "steps": steps,
+        "clock": "device" if cuda else "cpu self time of aten ops",
+        "ms_per_step": round(total / 1000 / steps, 2),
+        "share_by_category": {k: round(v / total, 4) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": n[:120], "share": round(us / total, 4), "calls": c} for n, us, c in rows[:top]],
+    }
+
+
 def cache_batches(reader, batch_tokens: int, count: int, names):
     """``count`` batches of the cache under the token budget (the trainer's batching)."""
     import numpy as np
@@ -194,6 +242,8 @@ def bench_draft(template, batches, args, device, options) -> dict:
             items.append({"inputs": shifted_inputs(on_device, device), "n_tokens": batch.n_tokens})
         sync(device)
         result = timed(lambda item, step=step: step(item["inputs"]), items, args.warmup, args.steps, device)
+        if args.profile:
+            result["profile"] = profile_step(lambda item, step=step: step(item["inputs"]), items, args.profile, device)
         del module, optimizer, step, items
     result.update(peak_gib=peak.gib, batch_shape=list(batches[0].input_ids.shape), options_applied=applied)
     return result
@@ -292,6 +342,14 @@ def allow_recompiles(limit: int = 64) -> dict:
     return limits
 
 
+def log_profile(batch_tokens: int, prof: dict) -> None:
+    log(f"[profile] batch {batch_tokens}: {prof['ms_per_step']} ms/step of {prof['clock']} time")
+    for label, share in prof["share_by_category"].items():
+        log(f"[profile]   {share:6.1%}  {label}")
+    for row in prof["top"]:
+        log(f"[profile]     {row['share']:6.1%}  x{row['calls']:<5} {row['name']}")
+
+
 def ratio(a, b):
     return round(a / b, 3) if a and b else None
 
@@ -317,6 +375,8 @@ def main() -> None:
                         help="TrainConfig.gradient_checkpointing, when this checkout has it")
     parser.add_argument("--keep-runs", action="store_true", help="keep the trainer's run folders under --work")
     parser.add_argument("--writer-threads", type=int, default=None, help="cache writer threads (default: the extractor's)")
+    parser.add_argument("--profile", type=int, default=0, help="after timing the draft step, profile this many more steps "
+                        "and print where the device time goes (kernel categories and the top kernels)")
     add_shape_args(parser)
     add_cache_args(parser)
     args = parser.parse_args()
@@ -380,6 +440,8 @@ def main() -> None:
                 log(f"[draft] batch {b} tokens ...")
                 rows[b]["draft"] = bench_draft(template, loaded[b], args, device, effective)
                 log(f"[draft] {rows[b]['draft']['tokens_per_second']:,.0f} tok/s")
+                if "profile" in rows[b]["draft"]:
+                    log_profile(b, rows[b]["draft"]["profile"])
             if "cache" in modes:
                 log(f"[cache] batch {b} tokens: run_train, {args.warmup + args.steps} steps ...")
                 rows[b]["cache"] = bench_cache(cache_path, b, work, args, device, options)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from bench.synthetic_cache import CacheRequest, Shape, ensure_cache
 from schemas.validate import validate_cache
 
@@ -29,7 +31,7 @@ def test_train_speed_runs_all_modes(tmp_path, monkeypatch, capsys):
 
     out = tmp_path / "speed.json"
     monkeypatch.setattr(sys, "argv", ["train_speed.py", *TINY, "--batch-tokens", "64,128", "--work", str(tmp_path),
-                                      "--out", str(out)])
+                                      "--out", str(out), "--profile", "2"])
     train_speed.main()
     printed = capsys.readouterr().out
     assert "| batch tokens (shape) |" in printed
@@ -39,4 +41,9 @@ def test_train_speed_runs_all_modes(tmp_path, monkeypatch, capsys):
         for mode in ("draft", "cache", "online"):
             assert row[mode]["tokens_per_second"] > 0
         assert row["ratios"]["cache_over_draft"] > 0
+        profile = row["draft"]["profile"]  # --profile: where the draft step's time goes
+        assert profile["steps"] == 2 and profile["ms_per_step"] > 0
+        assert sum(profile["share_by_category"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert profile["share_by_category"]["matmul"] > 0.05  # the draft's projections are matmuls
+        assert any(r["name"] == "aten::mm" for r in profile["top"])
     assert "anchor" not in results["budgets"][0]  # only on an H200
