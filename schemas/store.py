@@ -344,6 +344,7 @@ class CacheReader:
         self.direct_reads = direct_reads
         self.read_threads = read_threads or max(1, min(8, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0  # the process that made _pool: a forked child (a DataLoader worker) makes its own
         self._shards: dict[tuple[int, str], ShardArray | None] = {}
         full = manifest or read_manifest(self.cache_dir)
         self.full_manifest = full
@@ -383,8 +384,11 @@ class CacheReader:
     def _executor(self) -> ThreadPoolExecutor | None:
         if self.read_threads <= 1:
             return None
-        if self._pool is None:
+        if self._pool is None or self._pool_pid != os.getpid():
+            # After a fork the inherited pool's threads do not exist in the child: tasks sent to
+            # it would never run.  The parent's pool is left alone (it is the parent's).
             self._pool = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="talon-read")
+            self._pool_pid = os.getpid()
         return self._pool
 
     def _dequantize(self, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
