@@ -29,8 +29,11 @@ for item in $suite; do
       else
         echo "== multi_gpu skipped: $gpus GPU(s)"
       fi ;;
-    train) CUDA_VISIBLE_DEVICES=0 step train_speed python bench/train_speed.py --device cuda --batch-tokens 8192,16384 --profile 3 \
-             --cache "$syn" --out "$out/train_speed.json" ;;
+    train)  # the reference loss, then the fused soft-CE candidate (keep it only if faster and the GPU test passed)
+      CUDA_VISIBLE_DEVICES=0 step train_speed python bench/train_speed.py --device cuda --batch-tokens 8192,16384 --profile 3 \
+        --cache "$syn" --out "$out/train_speed.json"
+      CUDA_VISIBLE_DEVICES=0 step train_speed_fused python bench/train_speed.py --device cuda --batch-tokens 8192,16384 \
+        --profile 3 --soft-ce fused --cache "$syn" --out "$out/train_speed_fused.json" ;;
     extract) CUDA_VISIBLE_DEVICES=0 step extract_speed python bench/extract_speed.py --device cuda ;;
     reader) CUDA_VISIBLE_DEVICES=0 step reader_speed python bench/reader_speed.py --device cuda ;;
     *) echo "unknown suite item: $item (tests, multi, train, extract, reader)" ;;

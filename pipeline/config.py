@@ -104,6 +104,7 @@ class TrainConfig:
     skip_parts: tuple[str, ...] = ()
     teacher: str = "auto"
     attention: str = "auto"
+    soft_ce: str = "reference"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -131,6 +132,7 @@ class TrainConfig:
         _require(isinstance(self.gradient_checkpointing, bool), "--gradient-checkpointing must be true or false")
         _require(self.teacher in ("auto", "topk", "final-hidden"), "--teacher must be auto, topk or final-hidden")
         _require(self.attention in ("auto", "eager", "flex"), "--attention must be auto, eager or flex")
+        _require(self.soft_ce in ("reference", "fused"), "--soft-ce must be reference or fused")
 
 
 def train_config_from_dict(values: dict[str, Any], *, where: str) -> TrainConfig:

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from stage_train.soft_ce import SOFT_CE_IMPLS, sparse_soft_cross_entropy
+
 __all__ = [
     "DraftVocabLogits",
     "Eagle3StepMetrics",
@@ -285,6 +287,11 @@ class Eagle3TrainerModule(nn.Module):
     recomputed in backward (about one extra step forward). Loss, metrics and gradients are the
     same as without it; memory then grows with K only by the cached K/V and hidden states.
     It applies only while autograd records (``torch.is_grad_enabled()``).
+
+    ``soft_ce="fused"`` computes a sparse (top-k) teacher's loss and argmax with
+    :func:`stage_train.soft_ce.sparse_soft_cross_entropy` from the logits as the head returns
+    them, without the fp32 logits / log-probs and their fp32 gradients; the value is the same.
+    Dense teachers always take the reference path.
     """
 
     def __init__(
@@ -296,8 +303,11 @@ class Eagle3TrainerModule(nn.Module):
         ttt_steps: int,
         step_weight_decay: float = 0.8,
         gradient_checkpointing: bool = False,
+        soft_ce: str = "reference",
     ) -> None:
         super().__init__()
+        if soft_ce not in SOFT_CE_IMPLS:
+            raise ValueError(f"soft_ce must be one of {SOFT_CE_IMPLS}, got {soft_ce!r}")
         if int(ttt_steps) < 1:
             raise ValueError(f"ttt_steps must be >= 1, got {ttt_steps}")
         if not step_weight_decay > 0:
@@ -316,6 +326,7 @@ class Eagle3TrainerModule(nn.Module):
         self.ttt_steps = int(ttt_steps)
         self.step_weight_decay = float(step_weight_decay)
         self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.soft_ce = soft_ce
         self.register_buffer("selected_token_ids", ids, persistent=False)
         self.register_buffer("selected_token_mask", mask, persistent=False)
         self.register_buffer(
@@ -484,6 +495,13 @@ class Eagle3TrainerModule(nn.Module):
             target = SparseTargetDistribution(
                 _shift_tensor_left_by(target_main, step), _shift_tensor_left_by(target_probs, step)
             )
+        if self.soft_ce == "fused" and isinstance(target, SparseTargetDistribution):
+            # Same loss and argmax from the logits as computed (bf16 under autocast), no fp32 copies.
+            step_loss, argmax = sparse_soft_cross_entropy(draft.compute_logits(hidden), target.draft_ids, target.probs,
+                                                          position_mask)
+            with torch.no_grad():
+                hit = (argmax == _target_argmax(target)) & position_mask
+            return hidden, step_loss, hit, new_keys, new_values
         logits = _at_least_fp32(draft.compute_logits(hidden))
         log_probs = F.log_softmax(logits, dim=-1)
         ce = _soft_cross_entropy(log_probs, target)

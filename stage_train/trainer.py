@@ -190,6 +190,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         selected_token_mask=draft.t2d,
         ttt_steps=cfg.ttt_steps,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        soft_ce=cfg.soft_ce,
     ).to(device)
     model = runtime.wrap(module, fsdp=cfg.fsdp)
     # FSDP2 shards `module` in place: its parameters, gradients and the optimizer states become
@@ -327,6 +328,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         "ttt_steps": cfg.ttt_steps,
         "teacher": teacher_name,
         "attention": attention,
+        "soft_ce": cfg.soft_ce,
         "draft_vocab": draft.config.draft_vocab_size,
         "draft_vocab_coverage": round(coverage, 4),
         "world_size": runtime.world_size,
