@@ -142,6 +142,14 @@ class PartBuilder:
             arrays[name] = cat(name, (0, self.widths.get(name, 0)), _EMPTY_DTYPES[name])
         return arrays
 
+    def release_planes(self) -> None:
+        """Drop the samples' feature planes once :meth:`arrays` has copied them: on CUDA they are
+        views of the pinned host buffers of their batches, which the caching host allocator can
+        only hand to later batches once nothing refers to them (the part's write takes seconds)."""
+        for sample in self.samples:
+            for name in FEATURE_PLANES:
+                setattr(sample, name, None)
+
     def seal(self, arrays: dict[str, np.ndarray], records, source_stats: dict[str, int]) -> PartSeal:
         mask = arrays["loss_mask"].astype(bool)
         tokens, counts = np.unique(arrays["input_ids"][mask], return_counts=True)
@@ -219,6 +227,7 @@ class BackgroundPartWriter:
             try:
                 builder.collect()
                 arrays = builder.arrays()
+                builder.release_planes()
                 records = write_part_group(
                     self._dir, part_name(builder.index), arrays, self._vocab_size,
                     feature_dtype=self._feature_dtype, teacher=self._teacher,

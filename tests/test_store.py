@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import zarr
 
 from schemas.layout import SCHEMA_VERSION
 from schemas.manifest import (
@@ -224,3 +225,24 @@ def test_aux_compression_is_recorded_and_old_specs_mean_blosc_zstd():
     spec = ExtractSpec(SCHEMA_VERSION, _identity(), settings)
     assert ExtractSpec(SCHEMA_VERSION, _identity(), legacy).differences(spec) == [
         "aux_compression: existing 'blosc-zstd', requested 'lz4'"]
+
+
+def test_background_writer_releases_the_planes_it_has_copied(tmp_path):
+    """Once a part's arrays are concatenated, its samples no longer refer to their batches'
+    host buffers (pinned on CUDA), so those can be reused while the part is still written; the
+    sealed part holds exactly the samples' values."""
+    from stage_extract.writer import BackgroundPartWriter
+
+    rng = np.random.default_rng(5)
+    builder = PartBuilder(index=0, first_record=0)
+    builder.samples = _random_samples(rng, 6, 300)
+    expected = [s.aux_hidden.copy() for s in builder.samples]
+    writer = BackgroundPartWriter(tmp_path, 300)
+    writer.submit(builder, {"records_read": 6})
+    writer.close()
+    assert [seal.n_samples for seal in writer.sealed] == [6]
+    assert all(s.aux_hidden is None and s.topk_ids is None for s in builder.samples)
+    assert [s.record_index for s in builder.samples] == [2 * i for i in range(6)]
+    part = tmp_path / "parts" / "part-000000.zarr"
+    stored = np.asarray(zarr.open_array(str(part / "aux_hidden"), mode="r")[...])
+    assert np.array_equal(stored.view(np.uint16), np.concatenate(expected))
