@@ -22,6 +22,7 @@ DRAFT_VOCAB=${DRAFT_VOCAB:-32000}
 MAX_NEW=${MAX_NEW:-64}
 REGEN_MAX_NEW=${REGEN_MAX_NEW:-256}
 REGEN_SHARDS=${REGEN_SHARDS:-8}
+REGEN_BATCH=${REGEN_BATCH:-64}  # 128 took 13-21 GB a process on an H200: 8 of them and a training did not fit
 EVAL_SHARDS=${EVAL_SHARDS:-4}
 DEVICE=${DEVICE:-cuda}
 LIMIT=${LIMIT:+--limit $LIMIT}   # eval only the first LIMIT prompts (smoke runs)
@@ -68,7 +69,7 @@ if [ "$phase" = run ]; then
   for part in "$work"/sg_part_*; do  # the target answers the same prompts itself
     s=${part##*_}
     OMP_NUM_THREADS=1 python -m pipeline regenerate --target smollm2 --data "$part" --out "$work/regen_$s.jsonl" \
-      --max-new-tokens "$REGEN_MAX_NEW" --batch-size 128 --device "$DEVICE" --json --no-progress \
+      --max-new-tokens "$REGEN_MAX_NEW" --batch-size "$REGEN_BATCH" --device "$DEVICE" --json --no-progress \
       > "$work/regen_$s.json" 2> "$work/regen_$s.log" &
     regen_pids+=($!)
   done

@@ -130,8 +130,7 @@ def build_module(template, ttt_steps: int, device, options: dict, grad_clip: flo
     draft = copy.deepcopy(template)
     applied = {}
     if "attention" in options and hasattr(draft, "set_attention_backend"):
-        resolve_attention = getattr(trainer, "resolve_attention", lambda name, _device: name)
-        applied["attention"] = resolve_attention(options["attention"], device)
+        applied["attention"] = trainer.resolve_attention(options["attention"], device, draft.config.head_dim)
         draft.set_attention_backend(applied["attention"])
     kwargs = accepted(Eagle3TrainerModule.__init__, {k: v for k, v in options.items() if k not in applied})
     applied.update(kwargs)
@@ -196,13 +195,16 @@ def profile_step(step_fn, items: list, steps: int, device, top: int = 15) -> dic
         sync(device)
     events = prof.key_averages()
 
-    def self_us(event) -> float:
-        if cuda:
-            return float(getattr(event, "self_device_time_total", 0.0) or getattr(event, "self_cuda_time_total", 0.0) or 0.0)
-        return float(event.self_cpu_time_total)
+    def on_device(event) -> bool:
+        return getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
 
-    rows = [(event.key, self_us(event), event.count) for event in events]
-    rows = [r for r in rows if r[1] > 0 and (cuda or r[0].startswith("aten::"))]
+    # On CUDA, only the kernels themselves: the CPU op that launched a kernel also carries its
+    # device time, and counting both would double it.  On CPU, the aten ops' own time.
+    if cuda:
+        rows = [(e.key, float(getattr(e, "self_device_time_total", 0.0) or 0.0), e.count) for e in events if on_device(e)]
+    else:
+        rows = [(e.key, float(e.self_cpu_time_total), e.count) for e in events if e.key.startswith("aten::")]
+    rows = [r for r in rows if r[1] > 0]
     total = sum(r[1] for r in rows) or 1.0
     categories: dict[str, float] = {}
     for name, us, _ in rows:

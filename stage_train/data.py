@@ -210,26 +210,34 @@ class BatchPlan:
         if cached is not None:
             return cached
         rng = np.random.default_rng([self.seed, epoch])
-        self._busiest = {epoch: 0}
         order = [p for p in rng.permutation(len(self._part_samples)) if len(self._part_samples[p])]
         windows = []
+        dealt = 0  # batches dealt so far this epoch: the next one goes to rank dealt % world_size
         for start in range(0, len(order), self.window_parts):
             parts = tuple(int(p) for p in order[start : start + self.window_parts])
             pool = np.concatenate([self._part_samples[p] for p in parts])
             local = shuffled_bucket_batches(self.lengths[pool], self.batch_tokens, rng)
             batches = [pool[b] for b in local]
             usable = len(batches) - len(batches) % self.group if self.drop_remainder else len(batches)
-            mine = tuple(batches[self.rank : usable : self.world_size])
+            # Dealing continues across windows, so leftovers do not pile up on the lowest ranks.
+            # (When dropping, `usable` is a multiple of the world size and each rank starts at itself.)
+            first = (self.rank - dealt) % self.world_size
+            mine = tuple(batches[first:usable:self.world_size])
             if mine:
                 windows.append(Window(parts, mine))
-            self._busiest[epoch] = self._busiest.get(epoch, 0) + -(-usable // self.world_size)
+            dealt += usable
+        self._busiest = {epoch: -(-dealt // self.world_size)}
         self._epochs = {epoch: windows}  # keep only the current epoch's plan in memory
         return windows
 
     def busiest_rank_batches(self, epoch: int = 0) -> int:
         """Batches of the rank with the most in this epoch (equal to everyone's when dropping)."""
-        self.epoch(epoch)
+        self.epoch(epoch)  # computes (or finds) the epoch's plan and its busiest count together
         return self._busiest[epoch]
+
+    def batches(self, epoch: int = 0) -> list[np.ndarray]:
+        """This rank's batches of an epoch, in order (sample ids of each)."""
+        return [b for window in self.epoch(epoch) for b in window.batches]
 
     def any_sample(self) -> int:
         """One sample of the plan (padding batches for ranks with fewer batches)."""
@@ -292,9 +300,8 @@ def iterate_random_access(reader: CacheReader, plan: BatchPlan, max_length: int 
                           pin_memory: bool = False) -> Iterator[FeatureBatch]:
     """One pass over epoch 0 of a plan with ranged per-sample reads: right for small subsets
     (a validation split) spread over many parts, where reading whole parts would waste I/O."""
-    for window in plan.epoch(0):
-        for samples in window.batches:
-            yield load_batch(reader, samples, max_length, names, raw=raw, pin_memory=pin_memory)
+    for samples in plan.batches(0):
+        yield load_batch(reader, samples, max_length, names, raw=raw, pin_memory=pin_memory)
 
 
 def prefetch(items: Iterator, depth: int = 4) -> Iterator:

@@ -17,6 +17,7 @@ something at serve time that it did not see in training (layers, template, posit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -229,9 +230,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     prompts: list[PromptRecord] = list(iter_prompt_records(cfg.prompts, limit=cfg.limit))
     if not prompts:
         raise ValueError(f"{cfg.prompts}: no prompts")
-    prompts = prompts[cfg.shard_index :: cfg.num_shards]  # shard I of N: prompts I, I+N, ...
-    if not prompts:
-        raise ValueError(f"{cfg.prompts}: shard {cfg.shard_index} of {cfg.num_shards} holds no prompts")
+    prompt_total = len(prompts)
+    # Shard I of N: prompts I, I+N, ...  A shard may be empty (more shards than prompts): its
+    # report then holds zero counts, so that merging all N still works.
+    prompts = prompts[cfg.shard_index :: cfg.num_shards]
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def decode_turn(base_ids: list[int], spec_ids: list[int], max_new: int):
@@ -242,7 +244,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                                         temperature=cfg.temperature, generator=generator, draft_dtype=dtype)
         return base, spec_out
 
-    if cfg.warmup:  # first calls pay for allocator growth and kernel selection; keep them out of timings
+    if cfg.warmup and prompts:  # first calls pay for allocator growth and kernel selection; keep them out of timings
         warm = render_generation_prompt(tokenizer, [{"role": "user", "content": prompts[0].turns[0]}])
         decode_turn(warm, warm, 8)
 
@@ -298,6 +300,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "simulated_tau": simulated_tau,
         "simulated_tau_depth": simulated_depth,
         "shard": {"index": cfg.shard_index, "count": cfg.num_shards},
+        "draft_config_sha256": hashlib.sha256((export_dir / "config.json").read_bytes()).hexdigest(),
+        "limit": cfg.limit,
+        "seed": cfg.seed,
+        "prompt_total": prompt_total,
     }
     totals = {
         "prompt_count": len(prompts),
@@ -318,8 +324,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- reports
 # Fields every shard of one evaluation must agree on before its counts may be added up.
-_SAME_IN_EVERY_SHARD = ("draft", "target", "prompts", "dtype", "aux_layer_ids", "draft_tokens", "temperature",
-                        "max_new_tokens")
+# The draft is compared by its export's config.json (which records its training run and target),
+# not by path, so shards run from other folders or hosts still merge.
+_SAME_IN_EVERY_SHARD = ("draft_config_sha256", "target", "prompts", "dtype", "aux_layer_ids", "draft_tokens",
+                        "temperature", "max_new_tokens", "limit", "seed", "prompt_total")
 _SUMMED = ("prompt_count", "turns", "generated_tokens", "baseline_generated_tokens", "target_forwards",
            "baseline_target_forwards", "seconds", "baseline_seconds")
 
@@ -386,6 +394,8 @@ def merge_eval_reports(paths: list[Path], report_path: Path, plot_path: Path | N
             raise ValueError(f"{path}: {', '.join(f'{k}={report[k]!r}' for k in differ)} differs from {first_path} "
                              f"({', '.join(f'{k}={first[k]!r}' for k in differ)}); these are not shards of one evaluation")
         shard = report.get("shard") or {"index": 0, "count": 1}
+        if not 0 <= shard["index"] < shard["count"]:
+            raise ValueError(f"{path}: shard index {shard['index']} is outside 0..{shard['count'] - 1}")
         if shard["count"] != count:
             raise ValueError(f"{path}: shard of {shard['count']}, but {first_path} is a shard of {count}")
         if shard["index"] in seen:
@@ -394,7 +404,7 @@ def merge_eval_reports(paths: list[Path], report_path: Path, plot_path: Path | N
     absent = sorted(set(range(count)) - set(seen))
     if absent:
         raise ValueError(f"cannot merge: shard(s) {absent} of {count} missing")
-    meta = {key: first[key] for key in (*_SAME_IN_EVERY_SHARD, "simulated_tau", "simulated_tau_depth")}
+    meta = {key: first[key] for key in ("draft", *_SAME_IN_EVERY_SHARD, "simulated_tau", "simulated_tau_depth")}
     meta["device"] = ", ".join(sorted({r["device"] for _, r in reports}))
     meta["shard"] = {"index": 0, "count": 1, "merged_from": count}
     histograms = [r["accept_histogram"] for _, r in reports]
@@ -405,5 +415,7 @@ def merge_eval_reports(paths: list[Path], report_path: Path, plot_path: Path | N
     totals["mismatches"] = sorted((m for _, r in reports for m in r["mismatches"]),
                                   key=lambda m: (m["record_index"], m["turn"]))
     totals["warnings"] = sorted({w for _, r in reports for w in r.get("warnings", [])})
+    if totals["prompt_count"] != first["prompt_total"]:
+        raise ValueError(f"the shards hold {totals['prompt_count']} prompts, the prompt set has {first['prompt_total']}")
     plot = plot_path if plot_path is not None else Path(report_path).with_suffix(".png")
     return _write_report(_report(meta, totals), Path(report_path), plot)

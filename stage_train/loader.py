@@ -26,7 +26,7 @@ class CacheBatchDataset(Dataset):
     def __init__(self, reader: CacheReader, plan: BatchPlan, *, epoch: int = 0, max_length: int | None = None,
                  names: tuple[str, ...] = FEATURE_ARRAYS, raw: bool = False):
         self.reader = reader
-        self.batches: list[np.ndarray] = [b for window in plan.epoch(epoch) for b in window.batches]
+        self.batches: list[np.ndarray] = plan.batches(epoch)
         self.max_length = max_length
         self.names = tuple(names)
         self.raw = raw

@@ -31,7 +31,7 @@ SOFT_CE_IMPLS = ("reference", "fused")
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for bf16/fp16/fp32 logits (as the reference's upcast), fp64 for fp64 ones."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _row_stats(logits: torch.Tensor, draft_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,7 +51,9 @@ def _logits_grad(logits: torch.Tensor, lse: torch.Tensor, draft_ids: torch.Tenso
 
 @functools.cache
 def _compiled():
-    return torch.compile(_row_stats, dynamic=True), torch.compile(_logits_grad, dynamic=True)
+    # Default dynamism: the vocab width stays a constant (the reductions specialise on it) and
+    # the row count becomes symbolic after its first change, so batches do not recompile.
+    return torch.compile(_row_stats), torch.compile(_logits_grad)
 
 
 def _kernels(device: torch.device):
@@ -66,7 +68,9 @@ class _SparseSoftCE(torch.autograd.Function):
         ce = lse * probs.sum(-1) - (probs * picked).sum(-1)
         ctx.save_for_backward(logits, lse, draft_ids, probs, weight)
         ctx.mark_non_differentiable(argmax)
-        return (ce * weight).sum(), argmax
+        # Masked rows are left out, not multiplied by 0: a non-finite value there must not reach
+        # the loss (the reference masks the same way).
+        return torch.where(weight > 0, ce * weight, torch.zeros_like(ce)).sum(), argmax
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_argmax):

@@ -73,7 +73,7 @@ def split_samples(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def resolve_attention(requested: str, device: torch.device, head_dim: int = FLEX_MIN_HEAD_DIM) -> str:
+def resolve_attention(requested: str, device: torch.device, head_dim: int) -> str:
     """``auto`` uses the compiled flex kernel on CUDA and the eager kernel elsewhere, or where the
     draft's heads are narrower than the CUDA kernel supports (tiny test models)."""
     flex_fits = head_dim >= FLEX_MIN_HEAD_DIM
@@ -285,7 +285,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                 if val_plan is not None and cfg.eval_every and done % cfg.eval_every == 0:
                     eval_started = time.perf_counter()
                     last_val = evaluate(module, reader, val_plan, runtime, autocast, cfg.max_length, names, teacher,
-                                        collective=sharded)
+                                    collective=sharded)
                     eval_seconds += time.perf_counter() - eval_started
                     record.update({f"val_{k}": v for k, v in last_val.items()})
                 if sink is not None:
@@ -319,7 +319,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     seconds = time.perf_counter() - started - eval_seconds  # training time, validation excluded
     if val_plan is not None:
         last_val = evaluate(module, reader, val_plan, runtime, autocast, cfg.max_length, names, teacher,
-                                        collective=sharded)
+                            collective=sharded)
     summary = {
         "run": str(out),
         "export": str(out / "export"),

@@ -75,3 +75,37 @@ def test_a_forked_child_gets_its_own_read_pool(tiny_cache):
     assert child.exitcode == 0
     assert results.get(timeout=5) == 6
     assert reader._executor() is parent_pool  # the parent keeps its own
+
+
+class _ManyParts:
+    """What BatchPlan reads of a reader: lengths, each sample's part, the parts."""
+
+    def __init__(self, n_parts: int = 40, per_part: int = 5, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.lengths = rng.integers(20, 120, n_parts * per_part)
+        self.sample_parts = np.repeat(np.arange(n_parts), per_part)
+        self.manifest = type("Manifest", (), {"parts": [{}] * n_parts})()
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_ranks_share_the_batches_evenly_and_completely(drop_remainder):
+    """Validation (no dropping) deals every batch to exactly one rank, at most one more to any
+    rank than to another, and every rank knows the busiest count; training (dropping the
+    remainder) gives every rank the same count."""
+    reader = _ManyParts()
+    whole = BatchPlan(reader, 200, seed=1).batches()
+    for world in (1, 2, 3, 4):
+        plans = [BatchPlan(reader, 200, seed=1, rank=r, world_size=world, drop_remainder=drop_remainder)
+                 for r in range(world)]
+        mine = [p.batches() for p in plans]
+        counts = [len(m) for m in mine]
+        assert max(counts) - min(counts) <= (0 if drop_remainder else 1), (world, counts)
+        assert {p.busiest_rank_batches() for p in plans} == {max(counts)}
+        dealt = sorted(tuple(b) for m in mine for b in m)
+        if drop_remainder:
+            assert set(dealt) <= {tuple(b) for b in whole} and len(dealt) == world * counts[0]
+        else:
+            assert dealt == sorted(tuple(b) for b in whole)  # every batch once, none dropped

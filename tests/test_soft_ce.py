@@ -67,6 +67,17 @@ def test_bf16_logits_give_the_fp32_reference_of_the_same_values():
     assert torch.equal(logits.grad, as_fp32.grad.bfloat16())
 
 
+def test_a_non_finite_masked_row_stays_out_of_the_loss():
+    ids, probs, mask = teacher((2, 4), 30, 5, seed=6)
+    mask[1, 2] = False
+    logits = torch.randn(2, 4, 30, dtype=torch.float64)
+    logits[1, 2, 7] = float("inf")  # a padded slot's logits may be anything
+    loss, _ = sparse_soft_cross_entropy(logits, ids, probs, mask)
+    ref_loss, _ = reference(logits, ids, probs, mask)
+    assert torch.isfinite(loss) and torch.isfinite(ref_loss)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+
+
 def test_an_all_masked_batch_gives_zero_loss_and_gradient():
     ids, probs, _ = teacher((2, 3), 20, 4, seed=5)
     logits = torch.randn(2, 3, 20, dtype=torch.float64, requires_grad=True)
@@ -165,3 +176,44 @@ def test_training_with_the_fused_loss_follows_the_reference_run(tiny_cache, tmp_
     for fused, ref in zip(traces["fused"], traces["reference"]):
         assert fused["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert fused["step_accuracy"] == ref["step_accuracy"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_unroll_matches_the_reference_on_cuda_under_autocast(checkpointing):
+    """The compiled passes inside the unroll, under bf16 autocast and (non-reentrant)
+    checkpointing: the same step losses and metrics, and gradients pointing the same way."""
+    from stage_train.core import TopKLogProbs
+    from stage_train.draft import Eagle3DraftModel
+    from tests.test_core import H_T, make_config
+
+    torch.manual_seed(0)
+    config = make_config(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
+                         head_dim=16, vocab_size=1000, draft_vocab_size=200, max_position_embeddings=1024)
+    template = Eagle3DraftModel(config).cuda()
+    selected, mask = torch.arange(200), torch.zeros(1000, dtype=torch.bool)
+    mask[:200] = True
+    gen = torch.Generator().manual_seed(3)
+    rows, seq = 2, 160
+    top_ids = torch.randint(0, 1000, (rows, seq, 8), generator=gen)
+    inputs = dict(input_ids=torch.randint(0, 1000, (rows, seq), generator=gen),
+                  attention_mask=torch.ones(rows, seq, dtype=torch.long), loss_mask=torch.ones(rows, seq),
+                  aux_hidden_states=torch.randn(rows, seq, 3 * H_T, generator=gen),
+                  target_logits=TopKLogProbs(top_ids, torch.log_softmax(torch.randn(rows, seq, 8, generator=gen), -1)))
+    inputs = {k: (v.cuda() if torch.is_tensor(v) else TopKLogProbs(v.token_ids.cuda(), v.logprobs.cuda()))
+              for k, v in inputs.items()}
+    out = {}
+    for impl in ("reference", "fused"):
+        draft = copy.deepcopy(template)
+        module = Eagle3TrainerModule(draft, selected_token_ids=selected, selected_token_mask=mask, ttt_steps=3,
+                                     gradient_checkpointing=checkpointing, soft_ce=impl).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            metrics = module(**inputs)
+        metrics.loss.backward()
+        grads = torch.cat([p.grad.flatten().float() for p in draft.parameters() if p.requires_grad and p.grad is not None])
+        out[impl] = (metrics, grads)
+    (fused, g_fused), (ref, g_ref) = out["fused"], out["reference"]
+    torch.testing.assert_close(fused.step_losses, ref.step_losses, rtol=1e-4, atol=1e-5)
+    assert torch.equal(fused.prefix_valid, ref.prefix_valid)
+    assert torch.cosine_similarity(g_fused, g_ref, dim=0) > 0.999

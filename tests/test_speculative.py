@@ -381,22 +381,31 @@ def test_sharded_eval_merges_to_the_unsharded_report(trained_smollm2_run, smollm
         return report
 
     whole = json.loads(evaluate("whole").read_text())
-    shards = [evaluate(f"shard{i}", shard_index=i, num_shards=2) for i in range(2)]
-    assert [json.loads(p.read_text())["prompt_count"] for p in shards] == [2, 1]  # prompts 0, 2 | 1
+    shards = [evaluate(f"shard{i}", shard_index=i, num_shards=4) for i in range(4)]
+    assert [json.loads(p.read_text())["prompt_count"] for p in shards] == [1, 1, 1, 0]  # more shards than prompts
+    assert json.loads(shards[3].read_text())["rounds"] == 0
     merged = merge_eval_reports(shards[::-1], tmp_path / "merged.json")
     for key in ("accept_histogram", "rounds", "tau", "per_position_acceptance", "turns", "prompt_count",
                 "generated_tokens", "baseline_generated_tokens", "target_forwards", "greedy_equal", "mismatches"):
         assert merged[key] == whole[key], key
-    assert merged["shard"] == {"index": 0, "count": 1, "merged_from": 2}
+    assert merged["shard"] == {"index": 0, "count": 1, "merged_from": 4}
     assert (tmp_path / "merged.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     with pytest.raises(ValueError, match="shard 0 given twice"):
         merge_eval_reports([shards[0], shards[0]], tmp_path / "x.json")
-    with pytest.raises(ValueError, match=r"shard\(s\) \[1\] of 2 missing"):
+    with pytest.raises(ValueError, match=r"shard\(s\) \[1, 2, 3\] of 4 missing"):
         merge_eval_reports([shards[0]], tmp_path / "x.json")
-    foreign = json.loads(shards[1].read_text()) | {"draft_tokens": 5}
-    (tmp_path / "foreign.json").write_text(json.dumps(foreign))
+
+    def altered(name: str, **changes) -> Path:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(json.loads(shards[1].read_text()) | changes))
+        return path
+
     with pytest.raises(ValueError, match="foreign.json: draft_tokens=5 differs"):
-        merge_eval_reports([shards[0], tmp_path / "foreign.json"], tmp_path / "x.json")
+        merge_eval_reports([shards[0], altered("foreign", draft_tokens=5)], tmp_path / "x.json")
+    with pytest.raises(ValueError, match="limited.json: limit=2 differs"):  # a shard run with another --limit
+        merge_eval_reports([shards[0], altered("limited", limit=2)], tmp_path / "x.json")
+    with pytest.raises(ValueError, match="outside 0..3"):
+        merge_eval_reports([shards[0], altered("bogus", shard={"index": 5, "count": 4})], tmp_path / "x.json")
     with pytest.raises(ConfigError, match="--shard-index"):
         EvalConfig(draft=trained_smollm2_run / "export", shard_index=2, num_shards=2)
