@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import queue
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,7 +123,10 @@ class PartBuilder:
                 self.samples.append(sample)
         self.pending, self.batches = [], []
 
-    def arrays(self) -> dict[str, np.ndarray]:
+    def arrays(self, pool: Executor | None = None) -> dict[str, np.ndarray]:
+        """The part's arrays, samples concatenated in order.  With ``pool`` the feature planes
+        (about 1 GB a part for an 8B target) are copied into place by its threads, each sample's
+        rows a task (numpy copies release the GIL): one thread copies ~0.9 GB/s of fresh memory."""
         lengths = [len(s.input_ids) for s in self.samples]
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -139,7 +143,17 @@ class PartBuilder:
         }
         present = [n for n in FEATURE_PLANES if (self.samples and getattr(self.samples[0], n) is not None) or n in self.widths]
         for name in present:
-            arrays[name] = cat(name, (0, self.widths.get(name, 0)), _EMPTY_DTYPES[name])
+            if pool is None or not self.samples:
+                arrays[name] = cat(name, (0, self.widths.get(name, 0)), _EMPTY_DTYPES[name])
+        if pool is not None and self.samples:
+            copies = []
+            for name in present:
+                first = getattr(self.samples[0], name)
+                out = arrays[name] = np.empty((int(offsets[-1]),) + first.shape[1:], dtype=first.dtype)
+                copies += [pool.submit(np.copyto, out[offsets[i] : offsets[i + 1]], getattr(sample, name))
+                           for i, sample in enumerate(self.samples)]
+            for copy in copies:
+                copy.result()
         return arrays
 
     def release_planes(self) -> None:
@@ -226,7 +240,7 @@ class BackgroundPartWriter:
             builder, source_stats = item
             try:
                 builder.collect()
-                arrays = builder.arrays()
+                arrays = builder.arrays(self._pool)
                 builder.release_planes()
                 records = write_part_group(
                     self._dir, part_name(builder.index), arrays, self._vocab_size,

@@ -246,3 +246,20 @@ def test_background_writer_releases_the_planes_it_has_copied(tmp_path):
     part = tmp_path / "parts" / "part-000000.zarr"
     stored = np.asarray(zarr.open_array(str(part / "aux_hidden"), mode="r")[...])
     assert np.array_equal(stored.view(np.uint16), np.concatenate(expected))
+
+
+def test_pooled_concatenation_equals_the_plain_one():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(9)
+    builder = PartBuilder(index=0, first_record=0)
+    builder.samples = _random_samples(rng, 9, 70000)
+    for sample in builder.samples:  # an fp8-style extra plane too
+        sample.aux_scale = rng.random((len(sample.input_ids), 3), dtype=np.float32)
+    plain = builder.arrays()
+    with ThreadPoolExecutor(3) as pool:
+        pooled = builder.arrays(pool)
+    assert plain.keys() == pooled.keys()
+    for name in plain:
+        assert plain[name].dtype == pooled[name].dtype and np.array_equal(plain[name], pooled[name]), name
+    assert pooled["aux_hidden"].shape == (int(pooled["sample_offsets"][-1]), 12)
