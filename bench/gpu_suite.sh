@@ -3,12 +3,14 @@
 #   SUITE="tests multi train extract reader" bash bench/gpu_suite.sh [OUT_DIR]
 # Each step writes its table and log under OUT_DIR (default $OUT, else bench-out) and the suite
 # goes on after a failed step. `multi` needs 2 GPUs and runs first, so that a 2-GPU lease is
-# spent on what needs it; the single-GPU steps then use GPU 0 alone.
+# spent on what needs it; the single-GPU steps then use GPU 0 alone. All five take roughly 15
+# minutes on an H100, more than one 10-minute device call: split them, e.g.
+# SUITE="tests multi" then SUITE="train" then SUITE="extract reader".
 set -u
 out=${1:-${OUT:-bench-out}}
 suite=${SUITE:-tests multi train extract reader}
 mkdir -p "$out"
-syn=${SYNTHETIC_CACHE:-/tmp/talon-bench-synthetic}  # one synthetic 8B-shape cache shared by multi and train
+syn=${SYNTHETIC_CACHE:-/tmp/talon-bench-synthetic}  # synthetic 8B-shape caches (each bench sizes its own)
 
 step() {  # name command...: run, keep the last lines of its output, never stop the suite
   local name=$1; shift
@@ -25,17 +27,17 @@ for item in $suite; do
     tests) step gpu_tests python -m pytest -m gpu -q -p no:cacheprovider ;;
     multi)
       if [ "$gpus" -ge 2 ]; then
-        step multi_gpu python bench/multi_gpu_train.py --device cuda --nproc 2 --cache "$syn" --out "$out/multi_gpu.json"
+        step multi_gpu python bench/multi_gpu_train.py --device cuda --nproc 2 --cache "$syn-multi" --out "$out/multi_gpu.json"
       else
         echo "== multi_gpu skipped: $gpus GPU(s)"
       fi ;;
     train)  # the reference loss, then the fused soft-CE candidate (keep it only if faster and the GPU test passed)
-      CUDA_VISIBLE_DEVICES=0 step train_speed python bench/train_speed.py --device cuda --batch-tokens 8192,16384 --profile 3 \
-        --cache "$syn" --out "$out/train_speed.json"
-      CUDA_VISIBLE_DEVICES=0 step train_speed_fused python bench/train_speed.py --device cuda --batch-tokens 8192,16384 \
-        --profile 3 --soft-ce fused --cache "$syn" --out "$out/train_speed_fused.json" ;;
-    extract) CUDA_VISIBLE_DEVICES=0 step extract_speed python bench/extract_speed.py --device cuda ;;
-    reader) CUDA_VISIBLE_DEVICES=0 step reader_speed python bench/reader_speed.py --device cuda ;;
+      step train_speed env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py --device cuda --batch-tokens 8192,16384 --profile 3 \
+        --cache "$syn-train" --out "$out/train_speed.json"
+      step train_speed_fused env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py --device cuda --batch-tokens 8192,16384 \
+        --profile 3 --soft-ce fused --cache "$syn-train" --out "$out/train_speed_fused.json" ;;
+    extract) step extract_speed env CUDA_VISIBLE_DEVICES=0 python bench/extract_speed.py --device cuda ;;
+    reader) step reader_speed env CUDA_VISIBLE_DEVICES=0 python bench/reader_speed.py --device cuda ;;
     *) echo "unknown suite item: $item (tests, multi, train, extract, reader)" ;;
   esac
 done
