@@ -142,18 +142,21 @@ class PartBuilder:
             "record_index": np.asarray([s.record_index for s in self.samples], dtype=np.int64),
         }
         present = [n for n in FEATURE_PLANES if (self.samples and getattr(self.samples[0], n) is not None) or n in self.widths]
+        copies = []
         for name in present:
-            if pool is None or not self.samples:
-                arrays[name] = cat(name, (0, self.widths.get(name, 0)), _EMPTY_DTYPES[name])
-        if pool is not None and self.samples:
-            copies = []
-            for name in present:
-                first = getattr(self.samples[0], name)
-                out = arrays[name] = np.empty((int(offsets[-1]),) + first.shape[1:], dtype=first.dtype)
-                copies += [pool.submit(np.copyto, out[offsets[i] : offsets[i + 1]], getattr(sample, name))
-                           for i, sample in enumerate(self.samples)]
-            for copy in copies:
-                copy.result()
+            if not self.samples:
+                arrays[name] = np.zeros((0, self.widths.get(name, 0)), _EMPTY_DTYPES[name])
+                continue
+            first = getattr(self.samples[0], name)
+            out = arrays[name] = np.empty((int(offsets[-1]),) + first.shape[1:], dtype=first.dtype)
+            for i, sample in enumerate(self.samples):
+                rows, plane = out[offsets[i] : offsets[i + 1]], getattr(sample, name)
+                if pool is None:
+                    np.copyto(rows, plane)
+                else:
+                    copies.append(pool.submit(np.copyto, rows, plane))
+        for copy in copies:
+            copy.result()
         return arrays
 
     def release_planes(self) -> None:
