@@ -9,9 +9,14 @@ For each target, on the same synthetic chats and the same length-sorted batches:
   manifest), timed end to end after the model is loaded;
 * ``tokenise``: the chat-template tokenisation alone (CPU), which the run path also does.
 
+Three ratios to ``features``: the whole ``run`` (start-up and the final drain of the last parts
+included), the ``forward loop`` (until the last batch's copies are queued), and the
+``sustained`` rate at which parts are sealed once the pipeline is full (what an hours-long
+extraction runs at).  The disk's own write bandwidth (with fsync, as the parts are flushed
+before their seals) is measured first, to compare with the MB/s the run writes.
+
 Targets: (a) the real SmolLM2 and (b) a random-weight Llama-3.1-8B-shaped model (CUDA only,
-or on CPU with ``--layers-override``).  Prints a markdown table with run/features ratios.
-Default sizes finish in about 3 minutes on one H100.
+or on CPU with ``--layers-override``).  Default sizes finish in about 5 minutes on one H100.
 
     python bench/extract_speed.py --device cuda
     python bench/extract_speed.py --device cpu --tokens 2048 --skip-8b
@@ -96,11 +101,12 @@ def phase_timers():
     copies, split samples), ``concat`` (writer: one array per plane) and ``write`` (writer:
     encode, checksum and write a part's files).  ``last_submit_at`` is the clock when the main
     thread queued its last batch's copies: the forward loop's end, before the writers drain.
-    Patched in for the run, restored after."""
+    ``seals`` lists ``(clock, tokens)`` of every sealed part, in order.  Patched in for the run,
+    restored after."""
     import stage_extract.transfer as transfer
     import stage_extract.writer as writer
 
-    totals = {"submit": 0.0, "collect": 0.0, "concat": 0.0, "write": 0.0, "last_submit_at": 0.0}
+    totals = {"submit": 0.0, "collect": 0.0, "concat": 0.0, "write": 0.0, "last_submit_at": 0.0, "seals": []}
     lock = threading.Lock()
 
     def timed(phase, function):
@@ -119,14 +125,55 @@ def phase_timers():
 
     patches = [(transfer.HostTransfer, "submit", "submit"), (writer.PartBuilder, "collect", "collect"),
                (writer.PartBuilder, "arrays", "concat"), (writer, "write_part_group", "write")]
-    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches] + [(writer, "write_seal", writer.write_seal)]
     for owner, attr, phase in patches:
         setattr(owner, attr, timed(phase, getattr(owner, attr)))
+    original_seal = writer.write_seal
+
+    def write_seal(cache_dir, seal):
+        original_seal(cache_dir, seal)
+        with lock:
+            totals["seals"].append((time.perf_counter(), seal.n_tokens))
+
+    writer.write_seal = write_seal
     try:
         yield totals
     finally:
         for owner, attr, original in saved:
             setattr(owner, attr, original)
+
+
+def sustained_rate(seals: list[tuple[float, int]], warm_share: float = 0.25) -> float | None:
+    """Tokens per second at which parts were sealed once the pipeline was full: from the seal
+    of the part that ends the first ``warm_share`` of the parts to the last seal (which waits
+    for its whole write).  With the writers keeping up this is the forward's pace under
+    writing; with them behind, the writers' pace.  None with fewer than 4 parts."""
+    if len(seals) < 4:
+        return None
+    first = max(1, int(len(seals) * warm_share)) - 1
+    tokens = sum(n for _, n in seals[first + 1:])
+    return tokens / max(seals[-1][0] - seals[first][0], 1e-9)
+
+
+def disk_write_bandwidth(directory: Path, gib: float) -> float:
+    """MB/s of writing ``gib`` GiB of incompressible bytes to a file in ``directory`` in 16 MiB
+    writes, fsync included (what the extraction's parts, flushed before their seals, need)."""
+    import os
+
+    import numpy as np
+
+    block = np.random.default_rng(0).integers(0, 256, 16 << 20, dtype=np.uint8).tobytes()
+    path = directory / "disk-bandwidth.bin"
+    count = max(1, int(gib * 64))
+    started = time.perf_counter()
+    with open(path, "wb") as handle:
+        for _ in range(count):
+            handle.write(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    seconds = time.perf_counter() - started
+    path.unlink()
+    return count * len(block) / seconds / 1e6
 
 
 def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path) -> list[list]:
@@ -158,11 +205,14 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path) -
         # target while it runs, apart from the drain of the last parts, which a long extraction
         # amortises and a short benchmark does not.
         loop = summary["tokens"] / max(phases.pop("last_submit_at") - started, 1e-9)
+        sustained = sustained_rate(phases.pop("seals"))
         print(f"{name} {setting}: run {seconds:.2f} s, forward loop {summary['tokens'] / loop:.2f} s; summed phase "
               "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()), file=sys.stderr)
         rows.append([name, setting, n_tokens, round(n_tokens / tokenise_seconds), round(backbone), round(features),
-                     round(run), f"{run / features:.2f}", f"{loop / features:.2f}", f"{summary['bytes_per_token'] / 1024:.2f}",
-                     f"{run * summary['bytes_per_token'] / 1e6:,.1f}"])
+                     round(run), f"{run / features:.2f}", f"{loop / features:.2f}",
+                     f"{sustained / features:.2f}" if sustained else "n/a", f"{summary['bytes_per_token'] / 1024:.2f}",
+                     f"{run * summary['bytes_per_token'] / 1e6:,.1f}",
+                     f"{sustained * summary['bytes_per_token'] / 1e6:,.1f}" if sustained else "n/a"])
         print(" | ".join(str(v) for v in rows[-1]), file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True)
     return rows
@@ -171,8 +221,11 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--tokens", type=int, default=None, help="tokens per target (default 400k on cuda, 2k on cpu)")
-    parser.add_argument("--tokens-8b", type=int, default=None, help="tokens for the 8B target (default 120k on cuda, 512 on cpu)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per target (default 2M on cuda, 2k on cpu)")
+    parser.add_argument("--tokens-8b", type=int, default=None, help="tokens for the 8B target (default 600k on cuda, "
+                        "512 on cpu): enough parts that the sustained rate is measured with the pipeline full")
+    parser.add_argument("--disk-gib", type=float, default=None, help="GiB written to measure the disk's bandwidth "
+                        "(default 4 on cuda, 0 = skip on cpu)")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--batch-tokens", type=int, default=None, help="default 32768 on cuda, 4096 on cpu")
     parser.add_argument("--part-tokens", type=int, default=65536)
@@ -208,21 +261,26 @@ def main() -> None:
     dtype = compute_dtype(device)
     cuda = device.type == "cuda"
     args.batch_tokens = args.batch_tokens or (32768 if cuda else 4096)
+    args.disk_gib = (4.0 if cuda else 0.0) if args.disk_gib is None else args.disk_gib
     args.max_length = min(args.max_length, args.batch_tokens)
     work = Path(tempfile.mkdtemp(prefix="talon-extract-speed-"))
     rows = []
+    disk = disk_write_bandwidth(work, args.disk_gib) if args.disk_gib > 0 else None
+    if disk is not None:
+        print(f"disk: {disk:,.0f} MB/s with fsync", file=sys.stderr)
     if not args.skip_smollm2:
-        args.tokens = args.tokens or (400_000 if cuda else 2048)
+        args.tokens = args.tokens or (2_000_000 if cuda else 2048)
         tokenizer, model = load_target("smollm2", device=device, dtype=dtype)
         rows += bench_target("smollm2", tokenizer, model, device, dtype, args, work)
         del model
     if not args.skip_8b and (cuda or args.layers_override):
-        args.tokens = args.tokens_8b or (120_000 if cuda else 512)
+        args.tokens = args.tokens_8b or (600_000 if cuda else 512)
         model = build_llama_8b(device, dtype, args.layers_override)
         label = "llama-8b-random" + (f" ({model.config.num_hidden_layers} layers)" if args.layers_override else "")
         rows += bench_target(label, smollm2_tokenizer(), model, device, dtype, args, work)
     header = ["target", "dtype/teacher", "tokens", "tokenise tok/s", "backbone tok/s", "features tok/s",
-              "run (with writing) tok/s", "run / features", "forward loop / features", "KiB/token", "MB/s written"]
+              "run (with writing) tok/s", "run / features", "forward loop / features", "sustained / features",
+              "KiB/token", "MB/s written (run)", "MB/s written (sustained)"]
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     from stage_extract.run import writer_parallelism
 
@@ -231,6 +289,8 @@ def main() -> None:
           f"{parallel['threads']} part-writer thread(s) + {parallel.get('encode_threads')} encoding, "
           f"aux compression {args.aux_compression}, torch {torch.__version__}\n")
     print(markdown_table(header, rows))
+    if disk is not None:
+        print(f"\nDisk: {disk:,.0f} MB/s writing {args.disk_gib} GiB of incompressible bytes with fsync, in {work.parent}.")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -5,7 +5,8 @@
 # goes on after a failed step. `multi` needs 2 GPUs and runs first, so that a 2-GPU lease is
 # spent on what needs it; the single-GPU steps then use GPU 0 alone. All five take roughly 15
 # minutes on an H100, more than one 10-minute device call: split them, e.g.
-# SUITE="tests multi" then SUITE="train" then SUITE="extract reader".
+# SUITE="tests multi" then SUITE="train" then SUITE="extract reader", or run it detached
+# (bench/gpu_detached.sh) and poll.
 set -u
 out=${1:-${OUT:-bench-out}}
 suite=${SUITE:-tests multi train extract reader}
@@ -27,15 +28,22 @@ for item in $suite; do
     tests) step gpu_tests python -m pytest -m gpu -q -p no:cacheprovider ;;
     multi)
       if [ "$gpus" -ge 2 ]; then
-        step multi_gpu python bench/multi_gpu_train.py --device cuda --nproc 2 --cache "$syn-multi" --out "$out/multi_gpu.json"
+        step multi_gpu python bench/multi_gpu_train.py --device cuda --nproc 2 --steps ${MULTI_STEPS:-15} \
+          --cache "$syn-multi" --out "$out/multi_gpu.json"
       else
         echo "== multi_gpu skipped: $gpus GPU(s)"
       fi ;;
-    train)  # the reference loss, then the fused soft-CE candidate (keep it only if faster and the GPU test passed)
-      step train_speed env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py --device cuda --batch-tokens 8192,16384 --profile 3 \
-        --cache "$syn-train" --out "$out/train_speed.json"
-      step train_speed_fused env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py --device cuda --batch-tokens 8192,16384 \
-        --profile 3 --soft-ce fused --cache "$syn-train" --out "$out/train_speed_fused.json" ;;
+    train)  # the reference step, then the compiled step with the fused loss (kept only if faster and the GPU
+      # tests passed), then each alone on the draft step, to see what each is worth
+      common="--device cuda --batch-tokens 8192,16384 --steps ${TRAIN_STEPS:-12} --warmup 4 --cache $syn-train"
+      step train_speed env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py $common --profile 2 \
+        --out "$out/train_speed.json"
+      step train_speed_fast env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py $common --profile 2 \
+        --soft-ce fused --compile-step --out "$out/train_speed_fast.json"
+      step train_speed_fused env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py $common --modes draft \
+        --soft-ce fused --out "$out/train_speed_fused.json"
+      step train_speed_compile env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py $common --modes draft \
+        --compile-step --out "$out/train_speed_compile.json" ;;
     extract) step extract_speed env CUDA_VISIBLE_DEVICES=0 python bench/extract_speed.py --device cuda ;;
     reader) step reader_speed env CUDA_VISIBLE_DEVICES=0 python bench/reader_speed.py --device cuda ;;
     *) echo "unknown suite item: $item (tests, multi, train, extract, reader)" ;;

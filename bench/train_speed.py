@@ -49,7 +49,7 @@ from bench.synthetic_cache import (  # noqa: E402
 ANCHOR = {"card": "H200", "draft_step": 17_400.0, "online": 11_300.0}
 GOALS = {"cache_tok_s": 26_000.0, "cache_over_anchor_draft": 1.5, "cache_over_online": 2.0}
 MODES = ("draft", "cache", "online")
-OPTIONAL_FIELDS = ("attention", "gradient_checkpointing", "soft_ce")  # TrainConfig fields being added concurrently
+OPTIONAL_FIELDS = ("attention", "gradient_checkpointing", "soft_ce", "compile_step")  # TrainConfig fields being added concurrently
 
 
 def log(line: str) -> None:
@@ -61,7 +61,8 @@ def train_options(args: argparse.Namespace) -> dict:
     from pipeline.config import TrainConfig
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    asked = {"attention": args.attention, "gradient_checkpointing": args.gradient_checkpointing, "soft_ce": args.soft_ce}
+    asked = {"attention": args.attention, "gradient_checkpointing": args.gradient_checkpointing, "soft_ce": args.soft_ce,
+             "compile_step": args.compile_step}
     options = {}
     for name, value in asked.items():
         if value is None:
@@ -376,6 +377,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", default=None, action=argparse.BooleanOptionalAction,
                         help="TrainConfig.gradient_checkpointing, when this checkout has it")
     parser.add_argument("--soft-ce", default=None, help="TrainConfig.soft_ce (reference|fused), when this checkout has it")
+    parser.add_argument("--compile-step", default=None, action=argparse.BooleanOptionalAction,
+                        help="TrainConfig.compile_step (torch.compile around the attention), when this checkout has it")
     parser.add_argument("--keep-runs", action="store_true", help="keep the trainer's run folders under --work")
     parser.add_argument("--writer-threads", type=int, default=None, help="cache writer threads (default: the extractor's)")
     parser.add_argument("--profile", type=int, default=0, help="after timing the draft step, profile this many more steps "

@@ -104,6 +104,26 @@ def running_sample_crc32(array: np.ndarray, offsets: np.ndarray) -> tuple[int, .
     return tuple(crcs)
 
 
+def fsync_tree(path: Path) -> None:
+    """Flush every file and directory under ``path`` (and ``path``'s entry in its parent) to the
+    disk, so that a seal written afterwards never outlives the bytes it describes, even across a
+    power loss (a killed process alone loses nothing: its writes are in the page cache)."""
+    path = Path(path)
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for directory in [root for root, _, _ in os.walk(path)] + [str(path.parent)]:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -210,7 +230,8 @@ def write_part_group(
     on ``pool`` (default :func:`encode_pool`), all arrays at once.  The bytes equal those of
     zarr's own ``array[...] = data`` (``direct=False``, kept for tests), which costs ~4x more
     here: per-chunk fill-value scans, a padded copy and a concatenated copy of the whole shard,
-    and one chunk at a time through zarr's event loop."""
+    and one chunk at a time through zarr's event loop.  Returns once the group is on the disk
+    (:func:`fsync_tree`)."""
     path = group_path(worker_dir, name)
     if path.exists():
         shutil.rmtree(path)
@@ -259,6 +280,7 @@ def write_part_group(
             dtype=spec.storage_dtype,
             sample_crc32=sample_crcs,
         )
+    fsync_tree(path)  # durable before the caller seals the part
     return records
 
 

@@ -17,6 +17,7 @@ the draft would never see the multi-step inputs it gets when drafting.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Union, overload
 
@@ -292,6 +293,12 @@ class Eagle3TrainerModule(nn.Module):
     :func:`stage_train.soft_ce.sparse_soft_cross_entropy` from the logits as the head returns
     them, without the fp32 logits / log-probs and their fp32 gradients; the value is the same.
     Dense teachers always take the reference path.
+
+    ``compile_step=True`` runs the elementwise work of each TTT step through ``torch.compile``
+    with symbolic shapes (one graph for every batch shape and step): the midlayer's norms,
+    concatenation, projections and rotary before the attention, its output projection,
+    residuals and MLP after it (``Eagle3DraftModel.set_compiled``), and the final norm, head and
+    loss.  Values equal the eager step's to fp32 rounding; the first batches pay the compilation.
     """
 
     def __init__(
@@ -304,6 +311,7 @@ class Eagle3TrainerModule(nn.Module):
         step_weight_decay: float = 0.8,
         gradient_checkpointing: bool = False,
         soft_ce: str = "reference",
+        compile_step: bool = False,
     ) -> None:
         super().__init__()
         if soft_ce not in SOFT_CE_IMPLS:
@@ -327,6 +335,9 @@ class Eagle3TrainerModule(nn.Module):
         self.step_weight_decay = float(step_weight_decay)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.soft_ce = soft_ce
+        self.compile_step = bool(compile_step)
+        if self.compile_step:
+            draft_model.set_compiled(True)
         self.register_buffer("selected_token_ids", ids, persistent=False)
         self.register_buffer("selected_token_mask", mask, persistent=False)
         self.register_buffer(
@@ -488,25 +499,40 @@ class Eagle3TrainerModule(nn.Module):
         hidden = draft.decoder_step(draft.embed(ids), hidden, cache_hidden, attention_mask, position_ids)
         new_keys, new_values = tuple(cache_hidden[0][n_cached:]), tuple(cache_hidden[1][n_cached:])
 
-        target: TargetDistribution
-        if target_probs is None:
-            target = _shift_tensor_left_by(target_main, step)
-        else:
-            target = SparseTargetDistribution(
-                _shift_tensor_left_by(target_main, step), _shift_tensor_left_by(target_probs, step)
-            )
-        if self.soft_ce == "fused" and isinstance(target, SparseTargetDistribution):
-            # Same loss and argmax from the logits as computed (bf16 under autocast), no fp32 copies.
-            step_loss, argmax = sparse_soft_cross_entropy(draft.compute_logits(hidden), target.draft_ids, target.probs,
-                                                          position_mask)
-            with torch.no_grad():
-                hit = (argmax == _target_argmax(target)) & position_mask
-            return hidden, step_loss, hit, new_keys, new_values
-        logits = _at_least_fp32(draft.compute_logits(hidden))
-        log_probs = F.log_softmax(logits, dim=-1)
-        ce = _soft_cross_entropy(log_probs, target)
-        ce = torch.where(position_mask, ce, torch.zeros_like(ce))
-        step_loss = ce.sum() / position_mask.sum().clamp_min(1)
-        with torch.no_grad():
-            hit = (logits.argmax(dim=-1) == _target_argmax(target)) & position_mask
+        target_main = _shift_tensor_left_by(target_main, step)
+        target_probs = None if target_probs is None else _shift_tensor_left_by(target_probs, step)
+        step_loss_fn = _compiled_step_loss() if self.compile_step else _step_loss
+        step_loss, hit = step_loss_fn(draft, hidden, position_mask, target_main, target_probs, self.soft_ce == "fused")
         return hidden, step_loss, hit, new_keys, new_values
+
+
+def _step_loss(draft: nn.Module, hidden: torch.Tensor, position_mask: torch.Tensor, target_main: torch.Tensor,
+               target_probs: torch.Tensor | None, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A TTT step's loss (masked mean soft CE of the draft head against the already shifted
+    target: dense probs and None, or sparse draft ids and probs) and its hit mask [B, T]."""
+    target: TargetDistribution
+    target = target_main if target_probs is None else SparseTargetDistribution(target_main, target_probs)
+    if fused and isinstance(target, SparseTargetDistribution):
+        # Same loss and argmax from the logits as computed (bf16 under autocast), no fp32 copies.
+        step_loss, argmax = sparse_soft_cross_entropy(draft.compute_logits(hidden), target.draft_ids, target.probs,
+                                                      position_mask)
+        with torch.no_grad():
+            hit = (argmax == _target_argmax(target)) & position_mask
+        return step_loss, hit
+    logits = _at_least_fp32(draft.compute_logits(hidden))
+    log_probs = F.log_softmax(logits, dim=-1)
+    ce = _soft_cross_entropy(log_probs, target)
+    ce = torch.where(position_mask, ce, torch.zeros_like(ce))
+    step_loss = ce.sum() / position_mask.sum().clamp_min(1)
+    with torch.no_grad():
+        hit = (logits.argmax(dim=-1) == _target_argmax(target)) & position_mask
+    return step_loss, hit
+
+
+@functools.cache
+def _compiled_step_loss():
+    """:func:`_step_loss` compiled once per process, with symbolic shapes."""
+    from stage_train.draft import raise_recompile_limit
+
+    raise_recompile_limit()
+    return torch.compile(_step_loss, dynamic=True)

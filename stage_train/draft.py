@@ -371,19 +371,23 @@ FLEX_TILE = 128  # flex_attention's block size; T is padded to a multiple of it
 FLEX_MIN_HEAD_DIM = 16  # the compiled CUDA kernel refuses smaller heads ("embedding dimension ... at least 16")
 
 
-@functools.cache
-def _compiled_flex_kernels():
-    """``(create_block_mask, flex_attention)`` compiled once per process (CUDA path).
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Let Dynamo keep up to ``limit`` graphs per compiled function.
 
     Shapes vary from batch to batch (rows, padded length, TTT step, grad mode), and every
-    combination is a Dynamo guard; past the recompile limit torch would silently run the
-    unfused kernel that materialises the scores, so the limit is raised to cover them.
-    """
+    combination is a Dynamo guard; past the default limit torch would silently fall back to
+    eager (for flex attention: the unfused kernel that materialises the scores)."""
+    dynamo_config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
+
+
+@functools.cache
+def _compiled_flex_kernels():
+    """``(create_block_mask, flex_attention)`` compiled once per process (CUDA path)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    dynamo_config = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
+    raise_recompile_limit()
     return torch.compile(create_block_mask), torch.compile(flex_attention, dynamic=True)
 
 
@@ -444,20 +448,30 @@ class Eagle3Attention(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
     ) -> torch.Tensor:
-        bsz, seq_len, _ = u.shape
         step = len(cache_hidden[0])
+        q, k, v = self.project(u, position_ids, step)
+        return self.o_proj(self.attend(q, k, v, cache_hidden, attention_mask))
+
+    def project(self, u: torch.Tensor, position_ids: torch.Tensor, step: int):
+        """q [B, h, T, d], k and v [B, h_kv, T, d] of TTT step ``step``, q and k rotated at
+        ``position_ids + step``."""
+        bsz, seq_len, _ = u.shape
         q = self.q_proj(u).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(u).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(u).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-
         cos, sin = self.rotary_emb(v, position_ids + step)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def attend(self, q, k, v, cache_hidden: list[list[torch.Tensor]], attention_mask: torch.Tensor) -> torch.Tensor:
+        """Append this step's K/V to ``cache_hidden`` and attend over it: [B, T, h*d], before ``o_proj``."""
+        step = len(cache_hidden[0])
+        bsz, _, seq_len, _ = q.shape
         if self.backend == "flex":
             out = self._flex_attention(q, k, v, cache_hidden, attention_mask, step)
         else:
             out = self._eager_attention(q, k, v, cache_hidden, attention_mask, step)
-        out = out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+        return out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.head_dim)
 
     def _eager_attention(self, q, k, v, cache_hidden, attention_mask, step: int) -> torch.Tensor:
         seq_len = q.shape[2]
@@ -531,6 +545,8 @@ class Eagle3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
+        self.compiled = False
+
     def forward(
         self,
         input_embeds: torch.Tensor,
@@ -539,10 +555,32 @@ class Eagle3DecoderLayer(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
     ) -> torch.Tensor:
-        residual = hidden_states
-        u = torch.cat([self.input_layernorm(input_embeds), self.hidden_norm(hidden_states)], dim=-1)
-        hidden = residual + self.self_attn(u, cache_hidden, attention_mask, position_ids)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        """One pass: the attention inputs and the output half (``o_proj``, residuals, MLP) run
+        through ``torch.compile`` when :attr:`compiled` is set, the attention itself never does
+        (flex is compiled on its own, eager needs no fusion)."""
+        attention_input, layer_output = _compiled_layer_pieces() if self.compiled else (_attention_input, _layer_output)
+        q, k, v = attention_input(self, input_embeds, hidden_states, position_ids, len(cache_hidden[0]))
+        return layer_output(self, self.self_attn.attend(q, k, v, cache_hidden, attention_mask), hidden_states)
+
+
+def _attention_input(layer: Eagle3DecoderLayer, input_embeds, hidden_states, position_ids, step: int):
+    """``[norm(embeds) ; norm(hidden)]`` projected to the rotated q, k, v of TTT step ``step``."""
+    u = torch.cat([layer.input_layernorm(input_embeds), layer.hidden_norm(hidden_states)], dim=-1)
+    return layer.self_attn.project(u, position_ids, step)
+
+
+def _layer_output(layer: Eagle3DecoderLayer, attention: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The pre-norm output: ``residual + o_proj(attention)``, then the MLP's residual block."""
+    hidden = residual + layer.self_attn.o_proj(attention)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+@functools.cache
+def _compiled_layer_pieces():
+    """``(_attention_input, _layer_output)`` compiled once per process with symbolic shapes and
+    step, so that one graph serves every batch shape and TTT step."""
+    raise_recompile_limit()
+    return torch.compile(_attention_input, dynamic=True), torch.compile(_layer_output, dynamic=True)
 
 
 class Eagle3DraftModel(nn.Module):
@@ -641,3 +679,7 @@ class Eagle3DraftModel(nn.Module):
     def set_attention_backend(self, backend: str) -> None:
         """Select the TTT attention kernel, ``"eager"`` or ``"flex"`` (see ``Eagle3Attention``)."""
         self.midlayer.self_attn.set_backend(backend)
+
+    def set_compiled(self, compiled: bool) -> None:
+        """Run the midlayer's pieces around the attention through ``torch.compile`` (or not)."""
+        self.midlayer.compiled = bool(compiled)

@@ -57,7 +57,10 @@ def _compiled():
 
 
 def _kernels(device: torch.device):
-    return _compiled() if device.type == "cuda" else (_row_stats, _logits_grad)
+    # Inside the compiled step loss (compile_step) the enclosing graph fuses the plain functions.
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return _row_stats, _logits_grad
+    return _compiled()
 
 
 class _SparseSoftCE(torch.autograd.Function):

@@ -191,6 +191,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         ttt_steps=cfg.ttt_steps,
         gradient_checkpointing=cfg.gradient_checkpointing,
         soft_ce=cfg.soft_ce,
+        compile_step=cfg.compile_step,
     ).to(device)
     model = runtime.wrap(module, fsdp=cfg.fsdp)
     # FSDP2 shards `module` in place: its parameters, gradients and the optimizer states become
@@ -329,6 +330,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         "teacher": teacher_name,
         "attention": attention,
         "soft_ce": cfg.soft_ce,
+        "compile_step": cfg.compile_step,
         "draft_vocab": draft.config.draft_vocab_size,
         "draft_vocab_coverage": round(coverage, 4),
         "world_size": runtime.world_size,
