@@ -26,10 +26,10 @@ from pipeline.runtime import compute_dtype, resolve_device
 from schemas.layout import FINAL_HIDDEN_CONVENTION, SCHEMA_VERSION, TARGET_HEAD_FILE, has_final_hidden, row_widths
 from schemas.manifest import CacheManifest, ExtractSettings, ExtractSpec, read_manifest, read_sealed_parts
 from stage_extract.cache_dir import prepare_cache_dir, resumed_aux_compression
-from stage_extract.chat import tokenize_conversation
 from stage_extract.backends import FeatureBackend, open_backend
 from stage_extract.features import default_aux_layers, validate_aux_layers
 from stage_extract.records import RecordStats, iter_chat_records
+from stage_extract.tokenize_ahead import tokenize_ahead
 from stage_extract.target import load_target, resolve_target, target_identity
 from stage_extract.transfer import HostTransfer
 from stage_extract.workers import Shard, merge_cache, resolve_shard, write_worker_record
@@ -85,6 +85,17 @@ def writer_parallelism(device: torch.device) -> dict[str, int]:
         return {"threads": 1, "max_pending": 2, "encode_threads": 1}
     cores = os.cpu_count() or 2
     return {"threads": min(3, max(1, cores // 4)), "max_pending": 2, "encode_threads": max(1, min(8, cores - 3))}
+
+
+def tokenizer_workers(cfg: ExtractConfig, device: torch.device) -> int:
+    """``--tokenizer-workers``, else 0 on CPU (its cores run the target) and on a GPU host one
+    worker per 8 cores, up to 4: the chat template renders ~250-300k tokens/s per core, about a
+    small target's forward rate, and the main thread must keep queueing forwards."""
+    if cfg.tokenizer_workers is not None:
+        return cfg.tokenizer_workers
+    if device.type != "cuda":
+        return 0
+    return max(1, min(4, (os.cpu_count() or 1) // 8))
 
 
 def _local_device(device: torch.device) -> torch.device:
@@ -178,28 +189,34 @@ def _extract_shard(cfg: ExtractConfig, tokenizer, backend: FeatureBackend, vocab
     bar = tqdm(total=cfg.max_samples, desc=f"extract {shard.name}" if shard.count > 1 else "extract",
                unit="rec", disable=not cfg.progress, dynamic_ncols=True)
 
+    source_stats = stats.as_dict()  # the reader's counts after the last record taken (tokenised ahead)
+
     def flush() -> None:
         nonlocal builder, pending_tokens, tokens_computed, next_part
         if builder is None:
             return
         tokens_computed += launch_part(backend, builder, transfer)
-        writer.submit(builder, stats.as_dict())
+        writer.submit(builder, source_stats)
         elapsed = max(time.perf_counter() - started, 1e-9)
         bar.set_postfix(parts=next_part + 1, tok_s=f"{tokens_computed / elapsed:,.0f}")
         next_part += 1
         builder, pending_tokens = None, 0
 
+    def wanted(record) -> bool:  # not sealed by an earlier run, and this worker's
+        return record.record_index > state.last_record and shard.owns(record.record_index)
+
     try:
         records = iter_chat_records(cfg.data, skip_bad_records=cfg.skip_bad_records, stats=stats, limit=cfg.max_samples)
-        for record in records:
+        for item in tokenize_ahead(records, stats, tokenizer, max_length=cfg.max_length, wanted=wanted,
+                                   workers=tokenizer_workers(cfg, backend.device)):
+            record, tokens, source_stats = item.record, item.tokens, item.stats
             bar.update(1)
-            if record.record_index <= state.last_record or not shard.owns(record.record_index):
-                continue  # sealed by an earlier run, or another worker's
+            if not item.wanted:
+                continue
             if builder is None:
                 builder = PartBuilder(index=next_part, first_record=record.record_index, widths=widths)
             builder.records_consumed += 1
             builder.last_record = record.record_index
-            tokens = tokenize_conversation(tokenizer, record.messages, max_length=cfg.max_length)
             if tokens is None:
                 builder.drop(record.record_index, "no_assistant_after_truncation")
                 continue
@@ -207,6 +224,7 @@ def _extract_shard(cfg: ExtractConfig, tokenizer, backend: FeatureBackend, vocab
             pending_tokens += len(tokens.input_ids)
             if pending_tokens >= cfg.part_tokens:
                 flush()
+        source_stats = stats.as_dict()  # the reader is exhausted: its final counts
         flush()
     finally:
         bar.close()

@@ -1,0 +1,188 @@
+"""Tokenising chat records ahead of the target's forwards, off the main thread.
+
+Rendering a chat template is Python work (~250-300k tokens/s on one core), as fast as a small
+target's forward: done inline, the GPU would wait for it between parts.  :func:`tokenize_ahead`
+yields the records in their order, each with its tokens, while a producer thread reads and
+tokenises the following ones behind a bounded queue; with ``workers > 1`` that thread hands
+chunks of records to a pool of (spawned) tokenizer processes and collects them in order.  The
+output is the same for every ``workers``: only where the work runs changes.
+
+Records that ``wanted`` refuses (already sealed, another worker's) pass through untokenised.
+Every item carries a snapshot of the reader's :class:`RecordStats` after its record, so that a
+part's seal records the counts up to its own last record however far the producer has run
+ahead.  An error in the reader or a tokenizer surfaces in the consumer at the record where it
+happened (a tokenizer error names the record's source).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from stage_extract.chat import TokenizedConversation, tokenize_conversation
+from stage_extract.records import ChatRecord, RecordStats
+
+__all__ = ["TokenizedRecord", "tokenize_ahead", "tokenize_record"]
+
+CHUNK_RECORDS = 64  # records per task sent to a tokenizer process
+QUEUE_RECORDS = 4096  # records tokenised ahead of the consumer, at most
+
+
+@dataclass
+class TokenizedRecord:
+    record: ChatRecord
+    wanted: bool  # False: passed through untokenised
+    tokens: TokenizedConversation | None  # None (when wanted): no assistant token survives truncation
+    stats: dict[str, int]  # the reader's counts after this record
+
+
+def tokenize_record(tokenizer: Any, record: ChatRecord, max_length: int) -> TokenizedConversation | None:
+    """:func:`tokenize_conversation`, with a failure naming the record."""
+    try:
+        return tokenize_conversation(tokenizer, record.messages, max_length=max_length)
+    except Exception as err:
+        raise ValueError(f"{record.source}: cannot tokenise this conversation: {type(err).__name__}: {err}") from err
+
+
+_worker_tokenizer: Any = None
+
+
+def _init_worker(tokenizer: Any) -> None:
+    global _worker_tokenizer  # one tokenizer per pool process, sent once
+    _worker_tokenizer = tokenizer
+
+
+def _tokenize_chunk(records: list[ChatRecord], max_length: int) -> list[TokenizedConversation | None]:
+    return [tokenize_record(_worker_tokenizer, record, max_length) for record in records]
+
+
+_END = object()
+
+
+def tokenize_ahead(
+    records: Iterable[ChatRecord],
+    stats: RecordStats,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    wanted: Callable[[ChatRecord], bool] = lambda record: True,
+    workers: int = 0,
+) -> Iterator[TokenizedRecord]:
+    """The records of ``records`` (which fills ``stats``) in order, tokenised.
+
+    ``workers``: 0 tokenises inline (no thread), 1 in a producer thread, N > 1 in N spawned
+    processes fed by that thread."""
+    if workers < 0:
+        raise ValueError(f"tokenizer workers must be >= 0, got {workers}")
+    if workers == 0:
+        for record in records:
+            keep = wanted(record)
+            tokens = tokenize_record(tokenizer, record, max_length) if keep else None
+            yield TokenizedRecord(record, keep, tokens, stats.as_dict())
+        return
+    yield from _ahead(records, stats, tokenizer, max_length, wanted, workers)
+
+
+def _ahead(records, stats, tokenizer, max_length, wanted, workers) -> Iterator[TokenizedRecord]:
+    out: queue.Queue = queue.Queue(maxsize=QUEUE_RECORDS)
+    closed = threading.Event()
+    pool = None
+    if workers > 1:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(tokenizer,))
+
+    def put(item) -> bool:
+        while not closed.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            if pool is None:
+                for record in records:
+                    keep = wanted(record)
+                    tokens = tokenize_record(tokenizer, record, max_length) if keep else None
+                    if not put(TokenizedRecord(record, keep, tokens, stats.as_dict())):
+                        return
+            else:
+                _produce_with_pool(records, stats, tokenizer, wanted, pool, max_length, workers, put)
+            put(_END)
+        except BaseException as err:  # re-raised in the consumer, at this point of the stream
+            put(err)
+
+    thread = threading.Thread(target=produce, name="talon-tokenize-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        closed.set()
+        thread.join()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _produce_with_pool(records, stats, tokenizer, wanted, pool, max_length, workers, put) -> None:
+    """Chunks of wanted records go to ``pool``; items are put in record order as chunks finish."""
+    in_flight: deque = deque()  # (items of the chunk, future of their wanted records' tokens)
+    chunk: list[TokenizedRecord] = []
+
+    def send() -> None:
+        nonlocal chunk
+        if chunk:
+            todo = [item.record for item in chunk if item.wanted]
+            in_flight.append((chunk, pool.submit(_tokenize_chunk, todo, max_length) if todo else None))
+            chunk = []
+
+    def deliver_oldest() -> bool:
+        items, future = in_flight.popleft()
+        try:
+            tokens = iter(future.result() if future is not None else ())
+        except Exception:
+            # Redo the chunk here, record by record: the records before the bad one are delivered
+            # (their part may complete and be sealed, as inline) and the error comes at its record.
+            tokens = (tokenize_record(tokenizer, item.record, max_length) for item in items if item.wanted)
+        for item in items:
+            if item.wanted:
+                item.tokens = next(tokens)
+            if not put(item):
+                return False
+        return True
+
+    failure: BaseException | None = None
+    reader = iter(records)
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except BaseException as err:  # the reader failed: the records read before it come first
+            failure = err
+            break
+        chunk.append(TokenizedRecord(record, wanted(record), None, stats.as_dict()))
+        if len(chunk) >= CHUNK_RECORDS:
+            send()
+            while len(in_flight) > 2 * workers:
+                if not deliver_oldest():  # a tokenizer error propagates from here, in order
+                    return
+    send()
+    while in_flight:
+        if not deliver_oldest():
+            return
+    if failure is not None:
+        raise failure

@@ -1,0 +1,115 @@
+"""Tokenising ahead of the forwards (a thread, or spawned processes): the same records, tokens
+and reader counts in the same order as inline, errors at the record where they happen, and the
+same cache bytes from a whole extraction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from stage_extract.records import DataError, RecordStats, iter_chat_records
+from stage_extract.tokenize_ahead import tokenize_ahead
+from tests.test_extract import assert_same_samples
+from tests.conftest import extract_config
+
+
+def _chats(path, n: int, bad_line: int | None = None):
+    lines = []
+    for i in range(n):
+        reply = " ".join(f"word{j}" for j in range(i % 7 + 1))  # after long questions: cut away at max_length
+        messages = [{"role": "user", "content": f"question {i} " * (i % 5 * 4 + 1)}, {"role": "assistant", "content": reply}]
+        lines.append(json.dumps({"messages": messages}))
+        if bad_line is not None and len(lines) + 1 == bad_line:
+            lines.append("{not json")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _run(path, tokenizer, workers: int, **kwargs):
+    stats = RecordStats()
+    records = iter_chat_records(str(path), stats=stats, **kwargs)
+    out = []
+    for item in tokenize_ahead(records, stats, tokenizer, max_length=96, workers=workers,
+                               wanted=lambda record: record.record_index % 3 != 1):
+        tokens = None if item.tokens is None else (item.tokens.input_ids.tolist(), item.tokens.loss_mask.tolist())
+        out.append((item.record.record_index, item.wanted, tokens, item.stats))
+    return out, stats.as_dict()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+
+def test_threads_and_processes_give_the_inline_stream(tokenizer, tmp_path, monkeypatch):
+    import stage_extract.tokenize_ahead as ahead
+
+    monkeypatch.setattr(ahead, "CHUNK_RECORDS", 7)  # several chunks in flight, a short last one
+    path = _chats(tmp_path / "chats.jsonl", 150)
+    inline, final = _run(path, tokenizer, 0)
+    assert len(inline) == 150
+    assert sum(1 for _, wanted, _, _ in inline if not wanted) == 50  # passed through untokenised
+    assert any(wanted and tokens is None for _, wanted, tokens, _ in inline)  # no assistant token left
+    assert any(tokens is not None for _, _, tokens, _ in inline)
+    assert [stats["records_read"] for *_, stats in inline] == list(range(1, 151))  # counts after each record
+    for workers in (1, 2):
+        assert _run(path, tokenizer, workers) == (inline, final), workers
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_a_bad_record_fails_after_every_record_before_it(tokenizer, tmp_path, workers):
+    path = _chats(tmp_path / "chats.jsonl", 40, bad_line=30)
+    seen = []
+    stats = RecordStats()
+    with pytest.raises(DataError, match=r"chats\.jsonl:30"):
+        for item in tokenize_ahead(iter_chat_records(str(path), stats=stats), stats, tokenizer, max_length=96,
+                                   workers=workers):
+            seen.append(item.record.record_index)
+    assert seen == list(range(29))
+
+
+class _FailsOnRecord7:
+    """A picklable stand-in tokenizer whose chat template breaks on one conversation."""
+
+    is_fast = False
+    chat_template = "x"
+
+    def apply_chat_template(self, messages, **kwargs):
+        if "question 7 " in messages[0]["content"]:
+            raise KeyError("template variable")
+        return "text"
+
+    def __call__(self, text, **kwargs):
+        return {"input_ids": [1, 2, 3]}
+
+    def encode(self, text, **kwargs):
+        return [1, 2, 3]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_tokenizer_failure_names_the_record(tmp_path, workers):
+    path = _chats(tmp_path / "chats.jsonl", 20)
+    stats = RecordStats()
+    seen = []
+    with pytest.raises(ValueError, match=r"chats\.jsonl:8: cannot tokenise this conversation: KeyError"):
+        for item in tokenize_ahead(iter_chat_records(str(path), stats=stats), stats, _FailsOnRecord7(), max_length=96,
+                                   workers=workers):
+            seen.append(item.record.record_index)
+    assert seen == list(range(7))
+
+
+def test_extraction_with_tokenizer_processes_writes_the_same_cache(tiny_target_dir, chat_jsonl, tiny_cache, tmp_path):
+    from schemas.manifest import read_manifest, read_sealed_parts
+    from schemas.store import CacheReader
+    from stage_extract.run import run_extract
+
+    out = tmp_path / "ahead"
+    run_extract(extract_config(out, tiny_target_dir, chat_jsonl, tokenizer_workers=2))
+    assert_same_samples(CacheReader(tiny_cache), CacheReader(out))
+    assert read_manifest(out).source_stats == read_manifest(tiny_cache).source_stats
+    assert [s.source_stats for s in read_sealed_parts(out)] == [s.source_stats for s in read_sealed_parts(tiny_cache)]
+    assert [s.records_consumed for s in read_sealed_parts(out)] == [s.records_consumed for s in read_sealed_parts(tiny_cache)]
