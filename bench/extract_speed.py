@@ -1,6 +1,7 @@
 """Extraction throughput with writing, against the forward alone, in the same process.
 
-For each target, on the same synthetic chats and the same length-sorted batches:
+For each target, on the same synthetic chats and the batches the run forms (each part's
+samples length-sorted, parts cut in record order):
 
 * ``backbone``: ``model.model(ids, mask)`` only (what any forward costs);
 * ``features``: :func:`extract_batch` (hooks, LM head + top-k, fp8 quantisation), no copy out;
@@ -8,6 +9,10 @@ For each target, on the same synthetic chats and the same length-sorted batches:
   forwards, async device-to-host copies, background checksums/compression/writes, seals,
   manifest), timed end to end after the model is loaded;
 * ``tokenise``: the chat-template tokenisation alone (CPU), which the run path also does.
+
+The last column is the share of real tokens in those batches, beside one global length sort
+of all the samples (what a part size much larger than the batch would approach): padding is a
+cost of batching within parts, apart from what writing costs.
 
 Three ratios to ``features``: the whole ``run`` (start-up and the final drain of the last parts
 included), the ``forward loop`` (until the last batch's copies are queued), and the
@@ -54,7 +59,34 @@ def tokenised(data: Path, tokenizer, max_length: int, limit: int | None):
     return samples, time.perf_counter() - started
 
 
-def time_forwards(model, samples, batch_tokens: int, device, layer_ids, top_k: int, feature_dtype: str, teacher: str, repeats: int):
+def run_batches(lengths, batch_tokens: int, part_tokens: int) -> list:
+    """The batches ``talon extract`` forms: samples cut into parts of ``part_tokens`` in record
+    order, each part's samples length-sorted into batches (indices into ``lengths``)."""
+    import numpy as np
+
+    from pipeline.batching import length_sorted_batches
+
+    batches, start = [], 0
+    while start < len(lengths):
+        stop, tokens = start, 0
+        while stop < len(lengths) and tokens < part_tokens:
+            tokens += int(lengths[stop])
+            stop += 1
+        batches += [batch + start for batch in length_sorted_batches(np.asarray(lengths[start:stop]), batch_tokens)]
+        start = stop
+    return batches
+
+
+def padding_efficiency(lengths, batches) -> float:
+    """Real tokens over the padded tokens the forwards compute."""
+    return float(sum(int(lengths[b].sum()) for b in batches) / sum(len(b) * int(lengths[b].max()) for b in batches))
+
+
+def time_forwards(model, samples, batch_tokens: int, part_tokens: int, device, layer_ids, top_k: int, feature_dtype: str,
+                  teacher: str, repeats: int):
+    """tok/s of the backbone and of the feature extraction on the batches the run forms (so the
+    run/features ratio is what writing costs), and the padding efficiency of those batches
+    against one global length sort."""
     import numpy as np
     import torch
 
@@ -62,8 +94,11 @@ def time_forwards(model, samples, batch_tokens: int, device, layer_ids, top_k: i
     from stage_extract.features import extract_batch
 
     lengths = np.array([len(s) for s in samples])
+    planned = run_batches(lengths, batch_tokens, part_tokens)
+    efficiency = {"run batches": padding_efficiency(lengths, planned),
+                  "global sort": padding_efficiency(lengths, length_sorted_batches(lengths, batch_tokens))}
     batches = []
-    for batch in length_sorted_batches(lengths, batch_tokens):
+    for batch in planned:
         width = int(lengths[batch].max())
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -91,7 +126,7 @@ def time_forwards(model, samples, batch_tokens: int, device, layer_ids, top_k: i
                               teacher=teacher, lengths=row_lengths)
         sync(device)
         features = total / (time.perf_counter() - started)
-    return backbone, features
+    return backbone, features, efficiency
 
 
 @contextlib.contextmanager
@@ -187,8 +222,8 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path) -
     rows = []
     for setting in args.settings.split(","):
         feature_dtype, teacher = setting.split("/")
-        backbone, features = time_forwards(model, samples, args.batch_tokens, device, layer_ids, args.top_k,
-                                           feature_dtype, teacher, args.repeats)
+        backbone, features, efficiency = time_forwards(model, samples, args.batch_tokens, args.part_tokens, device,
+                                                       layer_ids, args.top_k, feature_dtype, teacher, args.repeats)
         out = work / f"{name}-{feature_dtype}-{teacher}"
         cfg = ExtractConfig(out=out, target=name, data=str(data), max_length=args.max_length, top_k=args.top_k,
                             layers=layer_ids, batch_tokens=args.batch_tokens, part_tokens=args.part_tokens,
@@ -212,7 +247,8 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path) -
                      round(run), f"{run / features:.2f}", f"{loop / features:.2f}",
                      f"{sustained / features:.2f}" if sustained else "n/a", f"{summary['bytes_per_token'] / 1024:.2f}",
                      f"{run * summary['bytes_per_token'] / 1e6:,.1f}",
-                     f"{sustained * summary['bytes_per_token'] / 1e6:,.1f}" if sustained else "n/a"])
+                     f"{sustained * summary['bytes_per_token'] / 1e6:,.1f}" if sustained else "n/a",
+                     f"{efficiency['run batches']:.3f} / {efficiency['global sort']:.3f}"])
         print(" | ".join(str(v) for v in rows[-1]), file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True)
     return rows
@@ -280,7 +316,7 @@ def main() -> None:
         rows += bench_target(label, smollm2_tokenizer(), model, device, dtype, args, work)
     header = ["target", "dtype/teacher", "tokens", "tokenise tok/s", "backbone tok/s", "features tok/s",
               "run (with writing) tok/s", "run / features", "forward loop / features", "sustained / features",
-              "KiB/token", "MB/s written (run)", "MB/s written (sustained)"]
+              "KiB/token", "MB/s written (run)", "MB/s written (sustained)", "padding efficiency (run batches / global sort)"]
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     from stage_extract.run import writer_parallelism
 

@@ -33,17 +33,15 @@ for item in $suite; do
       else
         echo "== multi_gpu skipped: $gpus GPU(s)"
       fi ;;
-    train)  # the reference step, then the compiled step with the fused loss (kept only if faster and the GPU
-      # tests passed), then each alone on the draft step, to see what each is worth
+    train)  # the defaults (compiled step on CUDA) in every mode, then on the draft step alone: the eager
+      # step (the comparison for --compile-step) and the reference soft CE (for --soft-ce fused)
       common="--device cuda --batch-tokens 8192,16384 --steps ${TRAIN_STEPS:-12} --warmup 4 --cache $syn-train"
       step train_speed env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py $common --profile 2 \
         --out "$out/train_speed.json"
-      step train_speed_fast env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py $common --profile 2 \
-        --soft-ce fused --compile-step --out "$out/train_speed_fast.json"
-      step train_speed_fused env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py $common --modes draft \
-        --soft-ce fused --out "$out/train_speed_fused.json"
-      step train_speed_compile env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py $common --modes draft \
-        --compile-step --out "$out/train_speed_compile.json" ;;
+      step train_speed_eager env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py $common --modes draft --profile 2 \
+        --no-compile-step --out "$out/train_speed_eager.json"
+      step train_speed_reference_ce env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py $common --modes draft \
+        --soft-ce reference --out "$out/train_speed_reference_ce.json" ;;
     extract) step extract_speed env CUDA_VISIBLE_DEVICES=0 python bench/extract_speed.py --device cuda ;;
     reader) step reader_speed env CUDA_VISIBLE_DEVICES=0 python bench/reader_speed.py --device cuda ;;
     *) echo "unknown suite item: $item (tests, multi, train, extract, reader)" ;;

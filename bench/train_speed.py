@@ -133,7 +133,11 @@ def build_module(template, ttt_steps: int, device, options: dict, grad_clip: flo
     if "attention" in options and hasattr(draft, "set_attention_backend"):
         applied["attention"] = trainer.resolve_attention(options["attention"], device, draft.config.head_dim)
         draft.set_attention_backend(applied["attention"])
+    if options.get("compile_step", False) is None:  # unset: resolved as the trainer resolves it
+        applied["compile_step"] = device.type == "cuda"
     kwargs = accepted(Eagle3TrainerModule.__init__, {k: v for k, v in options.items() if k not in applied})
+    if "compile_step" in applied:
+        kwargs["compile_step"] = applied["compile_step"]
     applied.update(kwargs)
     module = Eagle3TrainerModule(draft, selected_token_ids=draft.draft_to_target_ids(), selected_token_mask=draft.t2d,
                                  ttt_steps=ttt_steps, **kwargs).to(device)

@@ -57,7 +57,7 @@ def extract(
     backend: Annotated[str, typer.Option(help="Feature engine: hf (transformers forward with layer hooks) or vllm (vLLM 0.26 extract_hidden_states; needs a GPU and `pip install '.[vllm]'`). Both write the same cache.")] = "hf",
     vllm_gpu_memory_utilization: Annotated[float, typer.Option(help="--backend vllm: share of GPU memory vLLM may claim; the rest holds Talon's LM head for the top-k.")] = 0.85,
     tensor_parallel_size: Annotated[int, typer.Option(help="--backend vllm: GPUs to shard the target over (tensor parallel).")] = 1,
-    tokenizer_workers: Annotated[Optional[int], typer.Option(help="Where the chat template is rendered and tokenised, ahead of the forwards: 0 inline on the main thread, 1 in a background thread, N > 1 in N background processes. Default: 0 on CPU (the cores run the target), else 1 thread per 8 cores up to 4 processes. The cache is the same whatever the choice.")] = None,
+    tokenizer_workers: Annotated[Optional[int], typer.Option(help="Processes that render the chat template and tokenise ahead of the forwards (0: inline on the main thread). Worth it when the target is small enough that tokenising keeps up with its forward only on several cores (SmolLM2: 1.4x the sustained rate on an H200 host with 2); they take ~5-10 s to start. Default: one per 8 cores, up to 4, on a GPU host of 16+ cores, else 0. The cache is the same whatever the choice.")] = None,
     as_json: JsonFlag = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
 ) -> None:

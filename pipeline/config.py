@@ -106,8 +106,8 @@ class TrainConfig:
     skip_parts: tuple[str, ...] = ()
     teacher: str = "auto"
     attention: str = "auto"
-    soft_ce: str = "reference"
-    compile_step: bool = False
+    soft_ce: str = "fused"
+    compile_step: bool | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -136,8 +136,8 @@ class TrainConfig:
         _require(self.teacher in ("auto", "topk", "final-hidden"), "--teacher must be auto, topk or final-hidden")
         _require(self.attention in ("auto", "eager", "flex"), "--attention must be auto, eager or flex")
         _require(self.soft_ce in ("reference", "fused"), "--soft-ce must be reference or fused")
-        _require(isinstance(self.compile_step, bool), "--compile-step must be true or false")
-        _require(not (self.compile_step and self.fsdp), "--compile-step is not supported with --fsdp yet (use DDP)")
+        _require(self.compile_step in (None, True, False), "--compile-step must be true or false (or unset: on for CUDA)")
+        _require(not (self.compile_step is True and self.fsdp), "--compile-step is not supported with --fsdp yet (use DDP)")
 
 
 def train_config_from_dict(values: dict[str, Any], *, where: str) -> TrainConfig:

@@ -1,17 +1,19 @@
-"""Tokenising chat records ahead of the target's forwards, off the main thread.
+"""Tokenising chat records ahead of the target's forwards, in other processes.
 
-Rendering a chat template is Python work (~250-300k tokens/s on one core), as fast as a small
-target's forward: done inline, the GPU would wait for it between parts.  :func:`tokenize_ahead`
-yields the records in their order, each with its tokens, while a producer thread reads and
-tokenises the following ones behind a bounded queue; with ``workers > 1`` that thread hands
-chunks of records to a pool of (spawned) tokenizer processes and collects them in order.  The
-output is the same for every ``workers``: only where the work runs changes.
+Rendering a chat template is Python work (~200-300k tokens/s on one core), about a small
+target's forward rate: done inline, the main thread alternates between tokenising a part's
+records and queueing its forwards.  With ``workers >= 1``, :func:`tokenize_ahead` has a producer
+thread read the records and hand chunks of them to a pool of spawned tokenizer processes,
+and yields them in order with their tokens, behind a bounded queue.  The output is the same as
+inline (``workers=0``): only where the work runs changes.  (A tokenizer thread instead of
+processes measured slower than inline: the template rendering holds the GIL.)  The processes
+take a few seconds to start (each imports transformers), which only a long run earns back.
 
 Records that ``wanted`` refuses (already sealed, another worker's) pass through untokenised.
 Every item carries a snapshot of the reader's :class:`RecordStats` after its record, so that a
 part's seal records the counts up to its own last record however far the producer has run
 ahead.  An error in the reader or a tokenizer surfaces in the consumer at the record where it
-happened (a tokenizer error names the record's source).
+happened (a tokenizer error names the record's source), after every record before it.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ def tokenize_ahead(
 ) -> Iterator[TokenizedRecord]:
     """The records of ``records`` (which fills ``stats``) in order, tokenised.
 
-    ``workers``: 0 tokenises inline (no thread), 1 in a producer thread, N > 1 in N spawned
-    processes fed by that thread."""
+    ``workers``: 0 tokenises inline (no thread, no process), N >= 1 in N spawned processes fed
+    by a producer thread."""
     if workers < 0:
         raise ValueError(f"tokenizer workers must be >= 0, got {workers}")
     if workers == 0:
@@ -92,10 +94,8 @@ def tokenize_ahead(
 def _ahead(records, stats, tokenizer, max_length, wanted, workers) -> Iterator[TokenizedRecord]:
     out: queue.Queue = queue.Queue(maxsize=QUEUE_RECORDS)
     closed = threading.Event()
-    pool = None
-    if workers > 1:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(tokenizer,))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(tokenizer,))
 
     def put(item) -> bool:
         while not closed.is_set():
@@ -108,14 +108,7 @@ def _ahead(records, stats, tokenizer, max_length, wanted, workers) -> Iterator[T
 
     def produce() -> None:
         try:
-            if pool is None:
-                for record in records:
-                    keep = wanted(record)
-                    tokens = tokenize_record(tokenizer, record, max_length) if keep else None
-                    if not put(TokenizedRecord(record, keep, tokens, stats.as_dict())):
-                        return
-            else:
-                _produce_with_pool(records, stats, tokenizer, wanted, pool, max_length, workers, put)
+            _produce_with_pool(records, stats, tokenizer, wanted, pool, max_length, workers, put)
             put(_END)
         except BaseException as err:  # re-raised in the consumer, at this point of the stream
             put(err)
@@ -133,8 +126,7 @@ def _ahead(records, stats, tokenizer, max_length, wanted, workers) -> Iterator[T
     finally:
         closed.set()
         thread.join()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _produce_with_pool(records, stats, tokenizer, wanted, pool, max_length, workers, put) -> None:

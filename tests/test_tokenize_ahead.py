@@ -1,4 +1,4 @@
-"""Tokenising ahead of the forwards (a thread, or spawned processes): the same records, tokens
+"""Tokenising ahead of the forwards in spawned processes: the same records, tokens
 and reader counts in the same order as inline, errors at the record where they happen, and the
 same cache bytes from a whole extraction."""
 
@@ -45,7 +45,7 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(str(smollm2_dir))
 
 
-def test_threads_and_processes_give_the_inline_stream(tokenizer, tmp_path, monkeypatch):
+def test_tokenizer_processes_give_the_inline_stream(tokenizer, tmp_path, monkeypatch):
     import stage_extract.tokenize_ahead as ahead
 
     monkeypatch.setattr(ahead, "CHUNK_RECORDS", 7)  # several chunks in flight, a short last one
@@ -56,11 +56,10 @@ def test_threads_and_processes_give_the_inline_stream(tokenizer, tmp_path, monke
     assert any(wanted and tokens is None for _, wanted, tokens, _ in inline)  # no assistant token left
     assert any(tokens is not None for _, _, tokens, _ in inline)
     assert [stats["records_read"] for *_, stats in inline] == list(range(1, 151))  # counts after each record
-    for workers in (1, 2):
-        assert _run(path, tokenizer, workers) == (inline, final), workers
+    assert _run(path, tokenizer, 2) == (inline, final)
 
 
-@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("workers", [0, 1])
 def test_a_bad_record_fails_after_every_record_before_it(tokenizer, tmp_path, workers):
     path = _chats(tmp_path / "chats.jsonl", 40, bad_line=30)
     seen = []
