@@ -1,0 +1,32 @@
+"""The extraction bench's bookkeeping: the baseline's batches are the run's own (parts cut in
+record order, each length-sorted), and the sustained rate skips the pipeline's fill."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.extract_speed import padding_efficiency, run_batches, sustained_rate
+from pipeline.batching import length_sorted_batches
+
+
+def test_run_batches_cut_parts_in_record_order_then_sort_within_each():
+    lengths = np.array([5, 9, 3, 8, 2, 7, 6, 4])
+    batches = run_batches(lengths, batch_tokens=16, part_tokens=16)
+    # parts: [5, 9, 3] (17 tokens), [8, 2, 7] (17), [6, 4]; each batched on its own
+    expected = [b for start, stop in ((0, 3), (3, 6), (6, 8))
+                for b in (batch + start for batch in length_sorted_batches(lengths[start:stop], 16))]
+    assert [b.tolist() for b in batches] == [b.tolist() for b in expected]
+    assert sorted(i for b in batches for i in b.tolist()) == list(range(8))
+    assert padding_efficiency(lengths, batches) == pytest.approx(44 / sum(len(b) * lengths[b].max() for b in batches))
+    # a long and a short sample per part: batched part by part they pad each other, a global sort does not
+    mixed = np.array([10, 1, 10, 1, 10, 1])
+    assert padding_efficiency(mixed, run_batches(mixed, batch_tokens=20, part_tokens=11)) == pytest.approx(33 / 60)
+    assert padding_efficiency(mixed, length_sorted_batches(mixed, 20)) == pytest.approx(33 / 42)  # [10,10] [10,1] [1,1]
+
+
+def test_sustained_rate_counts_from_the_end_of_the_first_quarter():
+    seals = [(1.0, 100), (5.0, 100), (6.0, 100), (7.0, 100), (8.0, 100), (9.0, 100), (10.0, 100), (11.0, 100)]
+    # the 2nd seal ends the first quarter: 6 parts of 100 tokens from t=5 to t=11
+    assert sustained_rate(seals) == pytest.approx(600 / 6.0)
+    assert sustained_rate(seals[:3]) is None
