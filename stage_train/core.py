@@ -336,7 +336,7 @@ class Eagle3TrainerModule(nn.Module):
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.soft_ce = soft_ce
         self.compile_step = bool(compile_step)
-        if self.compile_step:
+        if self.compile_step and hasattr(draft_model, "set_compiled"):  # other drafts: only the loss compiles
             draft_model.set_compiled(True)
         self.register_buffer("selected_token_ids", ids, persistent=False)
         self.register_buffer("selected_token_mask", mask, persistent=False)
