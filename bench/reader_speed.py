@@ -4,7 +4,7 @@ Writes a real store through our writer (random features of a target with ``--hid
 ``--vocab``, sample lengths uniform in [64, --max-length]), then on the same batches:
 
 * ``reader``: ``stage_train.data.load_batch`` (one ranged read per sample and array) behind
-  ``stage_train.data.prefetch``, as the trainer consumes it: ``raw=True``, so an fp8 cache's
+  ``pipeline.prefetch.prefetch``, as the trainer consumes it: ``raw=True``, so an fp8 cache's
   aux states arrive as uint8 codes + scales (no CPU decode), collated into pinned memory on
   CUDA; also the part-windowed reader (``iterate_batches``, what ``talon train`` uses);
 * ``trainer``: host-to-device copy, the on-device fp8 decode (``FeatureBatch.aux_states``) for
@@ -85,7 +85,8 @@ def write_store(out: Path, *, hidden: int, vocab: int, top_k: int, tokens: int, 
 
 
 def time_reader(reader, batches, max_length, *, raw=True, pin_memory=False):
-    from stage_train.data import load_batch, prefetch
+    from pipeline.prefetch import prefetch
+    from stage_train.data import load_batch
 
     started = time.perf_counter()
     tokens = 0
@@ -100,13 +101,14 @@ def time_windowed(reader, batch_tokens, n_batches, *, raw=True, pin_memory=False
     import itertools
 
     import stage_train.data as data
+    from pipeline.prefetch import prefetch
 
     if not hasattr(data, "iterate_batches"):
         return None
     try:
         plan = data.BatchPlan(reader, batch_tokens, 0)
         batches = data.iterate_batches(reader, plan, raw=raw, pin_memory=pin_memory)
-        stream = data.prefetch((b for _, _, b in batches), depth=4)
+        stream = prefetch((b for _, _, b in batches), depth=4)
         next(stream)
         started = time.perf_counter()
         tokens = sum(b.n_tokens for b in itertools.islice(stream, n_batches))

@@ -19,14 +19,13 @@ happened (a tokenizer error names the record's source), after every record befor
 from __future__ import annotations
 
 import multiprocessing
-import queue
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.prefetch import prefetch
 from stage_extract.chat import TokenizedConversation, tokenize_conversation
 from stage_extract.records import ChatRecord, RecordStats
 
@@ -64,9 +63,6 @@ def _tokenize_chunk(records: list[ChatRecord], max_length: int) -> list[Tokenize
     return [tokenize_record(_worker_tokenizer, record, max_length) for record in records]
 
 
-_END = object()
-
-
 def tokenize_ahead(
     records: Iterable[ChatRecord],
     stats: RecordStats,
@@ -79,7 +75,7 @@ def tokenize_ahead(
     """The records of ``records`` (which fills ``stats``) in order, tokenised.
 
     ``workers``: 0 tokenises inline (no thread, no process), N >= 1 in N spawned processes fed
-    by a producer thread."""
+    by a producer thread (:func:`pipeline.prefetch.prefetch`)."""
     if workers < 0:
         raise ValueError(f"tokenizer workers must be >= 0, got {workers}")
     if workers == 0:
@@ -88,49 +84,14 @@ def tokenize_ahead(
             tokens = tokenize_record(tokenizer, record, max_length) if keep else None
             yield TokenizedRecord(record, keep, tokens, stats.as_dict())
         return
-    yield from _ahead(records, stats, tokenizer, max_length, wanted, workers)
+    yield from prefetch(_tokenized_by_pool(records, stats, tokenizer, wanted, max_length, workers), depth=QUEUE_RECORDS)
 
 
-def _ahead(records, stats, tokenizer, max_length, wanted, workers) -> Iterator[TokenizedRecord]:
-    out: queue.Queue = queue.Queue(maxsize=QUEUE_RECORDS)
-    closed = threading.Event()
+def _tokenized_by_pool(records, stats, tokenizer, wanted, max_length: int, workers: int) -> Iterator[TokenizedRecord]:
+    """Chunks of wanted records go to a pool of ``workers`` spawned processes; the items come
+    back in record order as chunks finish.  Closing the generator shuts the pool down."""
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker, initargs=(tokenizer,))
-
-    def put(item) -> bool:
-        while not closed.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            _produce_with_pool(records, stats, tokenizer, wanted, pool, max_length, workers, put)
-            put(_END)
-        except BaseException as err:  # re-raised in the consumer, at this point of the stream
-            put(err)
-
-    thread = threading.Thread(target=produce, name="talon-tokenize-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = out.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        closed.set()
-        thread.join()
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _produce_with_pool(records, stats, tokenizer, wanted, pool, max_length, workers, put) -> None:
-    """Chunks of wanted records go to ``pool``; items are put in record order as chunks finish."""
     in_flight: deque = deque()  # (items of the chunk, future of their wanted records' tokens)
     chunk: list[TokenizedRecord] = []
 
@@ -141,7 +102,7 @@ def _produce_with_pool(records, stats, tokenizer, wanted, pool, max_length, work
             in_flight.append((chunk, pool.submit(_tokenize_chunk, todo, max_length) if todo else None))
             chunk = []
 
-    def deliver_oldest() -> bool:
+    def oldest() -> Iterator[TokenizedRecord]:
         items, future = in_flight.popleft()
         try:
             tokens = iter(future.result() if future is not None else ())
@@ -152,29 +113,28 @@ def _produce_with_pool(records, stats, tokenizer, wanted, pool, max_length, work
         for item in items:
             if item.wanted:
                 item.tokens = next(tokens)
-            if not put(item):
-                return False
-        return True
+            yield item
 
-    failure: BaseException | None = None
-    reader = iter(records)
-    while True:
-        try:
-            record = next(reader)
-        except StopIteration:
-            break
-        except BaseException as err:  # the reader failed: the records read before it come first
-            failure = err
-            break
-        chunk.append(TokenizedRecord(record, wanted(record), None, stats.as_dict()))
-        if len(chunk) >= CHUNK_RECORDS:
-            send()
-            while len(in_flight) > 2 * workers:
-                if not deliver_oldest():  # a tokenizer error propagates from here, in order
-                    return
-    send()
-    while in_flight:
-        if not deliver_oldest():
-            return
-    if failure is not None:
-        raise failure
+    try:
+        failure: BaseException | None = None
+        reader = iter(records)
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                break
+            except BaseException as err:  # the reader failed: the records read before it come first
+                failure = err
+                break
+            chunk.append(TokenizedRecord(record, wanted(record), None, stats.as_dict()))
+            if len(chunk) >= CHUNK_RECORDS:
+                send()
+                while len(in_flight) > 2 * workers:
+                    yield from oldest()
+        send()
+        while in_flight:
+            yield from oldest()
+        if failure is not None:
+            raise failure
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

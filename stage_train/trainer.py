@@ -29,8 +29,9 @@ from schemas.validate import validate_cache
 from stage_train.checkpoint import (full_model_state, full_optimizer_state, load_latest_checkpoint, load_optimizer_state,
                                     restore_rng, rng_state, save_checkpoint)
 from stage_train.core import Eagle3TrainerModule, TopKLogProbs, _shift_left_with_zero
-from stage_train.data import (BatchPlan, FeatureBatch, fields_for_teacher, iterate_batches, iterate_random_access, load_batch,
-                              prefetch)
+from pipeline.prefetch import prefetch
+from stage_train.data import (BatchPlan, FeatureBatch, fields_for_teacher, iterate_batches, iterate_random_access,
+                              load_batch)
 from stage_train.draft import FLEX_MIN_HEAD_DIM, DraftConfig, Eagle3DraftModel
 from stage_train.export import export_draft
 from stage_train.metrics import MetricSink, MetricWindow
