@@ -1,18 +1,20 @@
 """Extraction throughput with writing, against the forward alone, in the same process.
 
-For each target, on the same synthetic chats and the batches the run forms (each part's
-samples length-sorted, parts cut in record order):
+For each target, on the same synthetic chats and the batches the run forms (parts cut in record
+order, each part's samples batched on their own: packed by default, ``--batching padded`` for
+length-sorted right-padded batches):
 
-* ``backbone``: ``model.model(ids, mask)`` only (what any forward costs);
-* ``features``: :func:`extract_batch` (hooks, LM head + top-k, fp8 quantisation), no copy out;
+* ``backbone``: the model's forward only (what any forward costs);
+* ``features``: the backend's feature extraction (hooks, LM head + top-k, fp8 quantisation), no
+  copy out;
 * ``run``: the real ``talon extract`` path (``extract_with_model`` into a temp cache: tokenising,
   forwards, async device-to-host copies, background checksums/compression/writes, seals,
   manifest), timed end to end after the model is loaded;
 * ``tokenise``: the chat-template tokenisation alone (CPU), which the run path also does.
 
-The last column is the share of real tokens in those batches, beside one global length sort
-of all the samples (what a part size much larger than the batch would approach): padding is a
-cost of batching within parts, apart from what writing costs.
+The last column is the share of real tokens in those batches (1 when packed).  A second table
+times ``features`` on padded batches of the same parts and budget beside the packed ones: what
+packing gains.
 
 Three ratios to ``features``: the whole ``run`` (start-up and the final drain of the last parts
 included), the ``forward loop`` (until the last batch's copies are queued), and the
@@ -59,12 +61,12 @@ def tokenised(data: Path, tokenizer, max_length: int, limit: int | None):
     return samples, time.perf_counter() - started
 
 
-def run_batches(lengths, batch_tokens: int, part_tokens: int) -> list:
+def run_batches(lengths, batch_tokens: int, part_tokens: int, batching: str = "packed") -> list:
     """The batches ``talon extract`` forms: samples cut into parts of ``part_tokens`` in record
-    order, each part's samples length-sorted into batches (indices into ``lengths``)."""
+    order, each part's samples batched on their own (indices into ``lengths``)."""
     import numpy as np
 
-    from pipeline.batching import length_sorted_batches
+    from stage_extract.backends import plan_batches
 
     batches, start = [], 0
     while start < len(lengths):
@@ -72,61 +74,61 @@ def run_batches(lengths, batch_tokens: int, part_tokens: int) -> list:
         while stop < len(lengths) and tokens < part_tokens:
             tokens += int(lengths[stop])
             stop += 1
-        batches += [batch + start for batch in length_sorted_batches(np.asarray(lengths[start:stop]), batch_tokens)]
+        batches += [batch + start for batch in plan_batches(np.asarray(lengths[start:stop]), batch_tokens, batching)]
         start = stop
     return batches
 
 
-def padding_efficiency(lengths, batches) -> float:
-    """Real tokens over the padded tokens the forwards compute."""
+def padding_efficiency(lengths, batches, batching: str = "padded") -> float:
+    """Real tokens over the tokens the forwards compute (packed batches compute only real ones)."""
+    if batching == "packed":
+        return 1.0
     return float(sum(int(lengths[b].sum()) for b in batches) / sum(len(b) * int(lengths[b].max()) for b in batches))
 
 
 def time_forwards(model, samples, batch_tokens: int, part_tokens: int, device, layer_ids, top_k: int, feature_dtype: str,
-                  teacher: str, repeats: int):
-    """tok/s of the backbone and of the feature extraction on the batches the run forms (so the
-    run/features ratio is what writing costs), and the padding efficiency of those batches
-    against one global length sort."""
+                  teacher: str, repeats: int, batching: str, backbone: bool = True):
+    """tok/s of the backbone (``None`` unless ``backbone``) and of the feature extraction on the
+    batches the run forms with ``batching`` (so the run/features ratio is what writing costs), and
+    the padding efficiency of those batches."""
     import numpy as np
     import torch
 
-    from pipeline.batching import length_sorted_batches
-    from stage_extract.features import extract_batch
+    from stage_extract.backends import HFBackend, host_inputs
+    from stage_extract.packed_attention import PackedInputs, packed_attention
 
     lengths = np.array([len(s) for s in samples])
-    planned = run_batches(lengths, batch_tokens, part_tokens)
-    efficiency = {"run batches": padding_efficiency(lengths, planned),
-                  "global sort": padding_efficiency(lengths, length_sorted_batches(lengths, batch_tokens))}
+    planned = run_batches(lengths, batch_tokens, part_tokens, batching)
+    backend = HFBackend(model, layer_ids=layer_ids, top_k=top_k, batch_tokens=batch_tokens, device=device,
+                        feature_dtype=feature_dtype, teacher=teacher, batching=batching)
     batches = []
     for batch in planned:
-        width = int(lengths[batch].max())
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(batch):
-            ids[row, : lengths[s]] = torch.from_numpy(samples[s])
-            mask[row, : lengths[s]] = 1
-        batches.append((ids.to(device), mask.to(device), [int(lengths[s]) for s in batch]))
-    total = int(lengths.sum()) * repeats
+        inputs = host_inputs([samples[s] for s in batch], batching)
+        batches.append(inputs.to(device) if isinstance(inputs, PackedInputs) else (inputs[0].to(device), inputs[1].to(device), inputs[2]))
+
+    def forward(inputs):
+        if isinstance(inputs, PackedInputs):
+            with packed_attention(model):
+                model.model(**inputs.forward_kwargs(), use_cache=False)
+        else:
+            model.model(input_ids=inputs[0], attention_mask=inputs[1], use_cache=False)
+
+    def rate(step) -> float:
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            for inputs in batches:
+                step(inputs)
+        sync(device)
+        return int(lengths.sum()) * repeats / (time.perf_counter() - started)
+
     with torch.inference_mode():
-        for ids, mask, row_lengths in batches[:4]:  # warm-up: kernels, allocator
-            model.model(input_ids=ids, attention_mask=mask)
-            extract_batch(model, ids, mask, layer_ids=layer_ids, top_k=top_k, feature_dtype=feature_dtype,
-                          teacher=teacher, lengths=row_lengths)
-        sync(device)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            for ids, mask, _ in batches:
-                model.model(input_ids=ids, attention_mask=mask)
-        sync(device)
-        backbone = total / (time.perf_counter() - started)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            for ids, mask, row_lengths in batches:
-                extract_batch(model, ids, mask, layer_ids=layer_ids, top_k=top_k, feature_dtype=feature_dtype,
-                              teacher=teacher, lengths=row_lengths)
-        sync(device)
-        features = total / (time.perf_counter() - started)
-    return backbone, features, efficiency
+        for inputs in batches[:4]:  # warm-up: kernels, allocator
+            forward(inputs)
+            backend.extract_inputs(inputs)
+        backbone_rate = rate(forward) if backbone else None
+        features_rate = rate(backend.extract_inputs)
+    return backbone_rate, features_rate, padding_efficiency(lengths, planned, batching)
 
 
 @contextlib.contextmanager
@@ -178,6 +180,50 @@ def phase_timers():
             setattr(owner, attr, original)
 
 
+@contextlib.contextmanager
+def main_thread_sampler(interval: float = 0.01, top: int = 18):
+    """Where the main thread is, sampled every ``interval`` seconds while the block runs; prints
+    the ``top`` places (innermost frame in the repository's own code, and the innermost frame)
+    with their share of the samples.  A place inside a call that holds the GIL, or waits for it,
+    shows up as long as it lasts, which is what the phase timers cannot see."""
+    import collections
+
+    repo = str(Path(__file__).resolve().parents[1])
+    main_id = threading.main_thread().ident
+    counts: collections.Counter = collections.Counter()
+    stop = threading.Event()
+
+    def own(filename: str) -> bool:
+        return filename.startswith(repo) and not any(part in filename for part in ("/bench/", "-packages/", "/.venv/"))
+
+    def place(frame) -> str:
+        inner = f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}:{frame.f_lineno}"
+        ours = frame
+        while ours is not None and not own(ours.f_code.co_filename):
+            ours = ours.f_back
+        if ours is None or ours is frame:
+            return inner
+        return f"{Path(ours.f_code.co_filename).name}:{ours.f_code.co_name}:{ours.f_lineno} > {inner}"
+
+    def sample() -> None:
+        while not stop.wait(interval):
+            frame = sys._current_frames().get(main_id)
+            if frame is not None:
+                counts[place(frame)] += 1
+
+    thread = threading.Thread(target=sample, name="main-thread-sampler", daemon=True)
+    thread.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        thread.join()
+        total = max(1, sum(counts.values()))
+        print(f"main thread, {total} samples every {interval * 1e3:.0f} ms:", file=sys.stderr)
+        for where, n in counts.most_common(top):
+            print(f"  {100 * n / total:5.1f}%  {where}", file=sys.stderr)
+
+
 def sustained_rate(seals: list[tuple[float, int]], warm_share: float = 0.25) -> float | None:
     """Tokens per second at which parts were sealed once the pipeline was full: from the seal
     of the part that ends the first ``warm_share`` of the parts to the last seal (which waits
@@ -211,7 +257,10 @@ def disk_write_bandwidth(directory: Path, gib: float) -> float:
     return count * len(block) / seconds / 1e6
 
 
-def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path) -> list[list]:
+def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, gains: list[list]) -> list[list]:
+    """The table's rows for one target; appends the packed-against-padded comparison to ``gains``."""
+    import numpy as np
+
     from pipeline.config import ExtractConfig
     from stage_extract.run import extract_with_model
 
@@ -219,19 +268,32 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path) -
     samples, tokenise_seconds = tokenised(data, tokenizer, args.max_length, None)
     n_tokens = sum(len(s) for s in samples)
     layer_ids = aux_layers_for(int(model.config.num_hidden_layers))
+    lengths = np.array([len(s) for s in samples])
+    padded_efficiency = padding_efficiency(lengths, run_batches(lengths, args.batch_tokens, args.part_tokens, "padded"))
     rows = []
-    for setting in args.settings.split(","):
+    for number, setting in enumerate(args.settings.split(",")):
         feature_dtype, teacher = setting.split("/")
-        backbone, features, efficiency = time_forwards(model, samples, args.batch_tokens, args.part_tokens, device,
-                                                       layer_ids, args.top_k, feature_dtype, teacher, args.repeats)
+        timing = dict(device=device, layer_ids=layer_ids, top_k=args.top_k, feature_dtype=feature_dtype, teacher=teacher,
+                      repeats=args.repeats)
+        backbone, features, efficiency = time_forwards(model, samples, args.batch_tokens, args.part_tokens,
+                                                       batching=args.batching, **timing)
+        if number == 0 and args.batching == "packed" and args.compare_padded:
+            # What packing gains on the same samples, parts and token budget: the padded run batches.
+            _, padded, _ = time_forwards(model, samples, args.batch_tokens, args.part_tokens, batching="padded",
+                                         backbone=False, **timing)
+            gains.append([name, setting, round(padded), round(features), f"{features / padded:.2f}",
+                          f"{padded_efficiency:.3f}"])
+            print(" | ".join(str(v) for v in gains[-1]), file=sys.stderr)
         out = work / f"{name}-{feature_dtype}-{teacher}"
         cfg = ExtractConfig(out=out, target=name, data=str(data), max_length=args.max_length, top_k=args.top_k,
                             layers=layer_ids, batch_tokens=args.batch_tokens, part_tokens=args.part_tokens,
                             device=device.type, progress=False, feature_dtype=feature_dtype, teacher=teacher,
-                            aux_compression=args.aux_compression)
+                            aux_compression=args.aux_compression, batching=args.batching,
+                            tokenizer_workers=args.tokenizer_workers)
         sync(device)
         started = time.perf_counter()
-        with phase_timers() as phases:
+        sampler = main_thread_sampler() if args.sample_main_thread else contextlib.nullcontext()
+        with phase_timers() as phases, sampler:
             summary = extract_with_model(cfg, tokenizer, model, device=device, dtype=dtype)
         sync(device)
         seconds = time.perf_counter() - started
@@ -248,7 +310,7 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path) -
                      f"{sustained / features:.2f}" if sustained else "n/a", f"{summary['bytes_per_token'] / 1024:.2f}",
                      f"{run * summary['bytes_per_token'] / 1e6:,.1f}",
                      f"{sustained * summary['bytes_per_token'] / 1e6:,.1f}" if sustained else "n/a",
-                     f"{efficiency['run batches']:.3f} / {efficiency['global sort']:.3f}"])
+                     f"{efficiency:.3f}"])
         print(" | ".join(str(v) for v in rows[-1]), file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True)
     return rows
@@ -274,6 +336,12 @@ def main() -> None:
     parser.add_argument("--writer-threads", type=int, default=0, help="part-writer threads (0: the run path's default)")
     parser.add_argument("--encode-threads", type=int, default=0, help="compression pool threads (0: the run path's default)")
     parser.add_argument("--aux-compression", default="auto", help="codec of the aux planes (talon extract --aux-compression)")
+    parser.add_argument("--batching", default="packed", choices=("packed", "padded"), help="talon extract --batching")
+    parser.add_argument("--no-compare-padded", dest="compare_padded", action="store_false",
+                        help="skip timing the padded batches beside the packed ones")
+    parser.add_argument("--tokenizer-workers", type=int, default=None, help="talon extract --tokenizer-workers")
+    parser.add_argument("--sample-main-thread", action="store_true",
+                        help="print where the run's main thread spends its time (stack samples every 10 ms)")
     args = parser.parse_args()
     if args.writer_threads or args.encode_threads:
         import stage_extract.run
@@ -300,31 +368,35 @@ def main() -> None:
     args.disk_gib = (4.0 if cuda else 0.0) if args.disk_gib is None else args.disk_gib
     args.max_length = min(args.max_length, args.batch_tokens)
     work = Path(tempfile.mkdtemp(prefix="talon-extract-speed-"))
-    rows = []
+    rows, gains = [], []
     disk = disk_write_bandwidth(work, args.disk_gib) if args.disk_gib > 0 else None
     if disk is not None:
         print(f"disk: {disk:,.0f} MB/s with fsync", file=sys.stderr)
     if not args.skip_smollm2:
         args.tokens = args.tokens or (2_000_000 if cuda else 2048)
         tokenizer, model = load_target("smollm2", device=device, dtype=dtype)
-        rows += bench_target("smollm2", tokenizer, model, device, dtype, args, work)
+        rows += bench_target("smollm2", tokenizer, model, device, dtype, args, work, gains)
         del model
     if not args.skip_8b and (cuda or args.layers_override):
         args.tokens = args.tokens_8b or (600_000 if cuda else 512)
         model = build_llama_8b(device, dtype, args.layers_override)
         label = "llama-8b-random" + (f" ({model.config.num_hidden_layers} layers)" if args.layers_override else "")
-        rows += bench_target(label, smollm2_tokenizer(), model, device, dtype, args, work)
+        rows += bench_target(label, smollm2_tokenizer(), model, device, dtype, args, work, gains)
     header = ["target", "dtype/teacher", "tokens", "tokenise tok/s", "backbone tok/s", "features tok/s",
               "run (with writing) tok/s", "run / features", "forward loop / features", "sustained / features",
-              "KiB/token", "MB/s written (run)", "MB/s written (sustained)", "padding efficiency (run batches / global sort)"]
+              "KiB/token", "MB/s written (run)", "MB/s written (sustained)", "real-token share of the run's batches"]
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     from stage_extract.run import writer_parallelism
 
     parallel = writer_parallelism(device)
-    print(f"\n### Extraction speed on {name} ({dtype}), batch {args.batch_tokens} tokens, "
+    print(f"\n### Extraction speed on {name} ({dtype}), {args.batching} batches of {args.batch_tokens} tokens, "
           f"{parallel['threads']} part-writer thread(s) + {parallel.get('encode_threads')} encoding, "
           f"aux compression {args.aux_compression}, torch {torch.__version__}\n")
     print(markdown_table(header, rows))
+    if gains:
+        print("\nPacked against padded forwards (features tok/s, same samples, parts and token budget):\n")
+        print(markdown_table(["target", "dtype/teacher", "padded tok/s", "packed tok/s", "packed / padded",
+                              "real-token share of the padded batches"], gains))
     if disk is not None:
         print(f"\nDisk: {disk:,.0f} MB/s writing {args.disk_gib} GiB of incompressible bytes with fsync, in {work.parent}.")
     shutil.rmtree(work, ignore_errors=True)

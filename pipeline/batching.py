@@ -28,6 +28,22 @@ def budget_batches(order: np.ndarray, lengths: np.ndarray, batch_tokens: int) ->
     return batches
 
 
+def consecutive_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Samples in their given order, cut into batches of at most ``batch_tokens`` real tokens (for
+    packed forwards, where a batch costs its own tokens and nothing is padded).  A sample longer
+    than the budget gets a batch of its own."""
+    batches: list[np.ndarray] = []
+    start, tokens = 0, 0
+    for position, length in enumerate(np.asarray(lengths).tolist()):
+        if position > start and tokens + length > batch_tokens:
+            batches.append(np.arange(start, position))
+            start, tokens = position, 0
+        tokens += length
+    if start < len(lengths):
+        batches.append(np.arange(start, len(lengths)))
+    return batches
+
+
 def length_sorted_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
     """Deterministic batches of similar lengths (longest first, so memory peaks early)."""
     order = np.argsort(-np.asarray(lengths), kind="stable")

@@ -45,7 +45,7 @@ def extract(
     max_length: Annotated[int, typer.Option(help="Truncate each tokenised conversation to this many tokens.")] = 2048,
     top_k: Annotated[int, typer.Option(help="How many of the target's top next-token log-probs to keep per position.")] = 64,
     layers: Annotated[Optional[str], typer.Option(help="Three aux layers, comma-separated, 0-based output-of-layer ids (default: 1,L//2-1,L-4).")] = None,
-    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per target forward (batch size x longest sample).")] = 8192,
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per target forward: the samples' own tokens with --batching packed, batch size x longest sample with padded.")] = 8192,
     part_tokens: Annotated[int, typer.Option(help="Tokens per sealed part of the cache; a killed run loses at most one part of work.")] = 65536,
     device: DeviceOpt = "auto",
     skip_bad_records: Annotated[bool, typer.Option(help="Count and skip malformed records instead of stopping at the first one.")] = False,
@@ -57,7 +57,8 @@ def extract(
     backend: Annotated[str, typer.Option(help="Feature engine: hf (transformers forward with layer hooks) or vllm (vLLM 0.26 extract_hidden_states; needs a GPU and `pip install '.[vllm]'`). Both write the same cache.")] = "hf",
     vllm_gpu_memory_utilization: Annotated[float, typer.Option(help="--backend vllm: share of GPU memory vLLM may claim; the rest holds Talon's LM head for the top-k.")] = 0.85,
     tensor_parallel_size: Annotated[int, typer.Option(help="--backend vllm: GPUs to shard the target over (tensor parallel).")] = 1,
-    tokenizer_workers: Annotated[Optional[int], typer.Option(help="Processes that render the chat template and tokenise ahead of the forwards (0: inline on the main thread). Worth it when the target is small enough that tokenising keeps up with its forward only on several cores (SmolLM2: 1.4x the sustained rate on an H200 host with 2); they take ~5-10 s to start. Default: one per 8 cores, up to 4, on a GPU host of 16+ cores, else 0. The cache is the same whatever the choice.")] = None,
+    tokenizer_workers: Annotated[Optional[int], typer.Option(help="Processes that render the chat template and tokenise ahead of the forwards (0: inline on the main thread). Worth it when the target is small enough that tokenising keeps up with its forward only on several cores (one process tokenises ~240k tokens/s; SmolLM2's forward takes ~370k/s on an H200). They take ~5-10 s to start, while the first chunks are tokenised inline. Default: one per 4 cores (of this worker's share under torchrun), up to 8, on a GPU host of 16+ cores, else 0. The cache is the same whatever the choice.")] = None,
+    batching: Annotated[str, typer.Option(help="Layout of the target's forwards (HF backend): packed (each batch's samples concatenated in one row, positions restarting per sample, attention kept within each sample by a variable-length kernel: no padding), padded (length-sorted samples right-padded to the batch's longest), or auto (packed for a new cache; a resumed cache keeps the batching it was started with, so its numerics never mix).")] = "auto",
     as_json: JsonFlag = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
 ) -> None:
@@ -71,7 +72,7 @@ def extract(
             feature_dtype=feature_dtype, teacher=teacher, aux_compression=aux_compression,
             shard_index=shard_index, num_shards=num_shards,
             backend=backend, vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size, tokenizer_workers=tokenizer_workers,
+            tensor_parallel_size=tensor_parallel_size, tokenizer_workers=tokenizer_workers, batching=batching,
         )
         from stage_extract.run import run_extract
 

@@ -46,9 +46,10 @@ class ExtractConfig:
     vllm_gpu_memory_utilization: float = 0.85
     tensor_parallel_size: int = 1
     tokenizer_workers: int | None = None
+    batching: str = "auto"
 
     def __post_init__(self) -> None:
-        from schemas.layout import AUX_COMPRESSIONS, FEATURE_DTYPES, TEACHERS
+        from schemas.layout import AUX_COMPRESSIONS, BATCHINGS, FEATURE_DTYPES, TEACHERS
 
         _require(self.backend in ("hf", "vllm"), "--backend must be hf or vllm")
         _require(0 < self.vllm_gpu_memory_utilization <= 1, "--vllm-gpu-memory-utilization must be in (0, 1]")
@@ -67,6 +68,7 @@ class ExtractConfig:
         _require(self.feature_dtype in FEATURE_DTYPES, f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}")
         _require(self.teacher in TEACHERS, f"--teacher must be one of {', '.join(TEACHERS)}")
         _require(self.aux_compression in AUX_COMPRESSIONS, f"--aux-compression must be one of {', '.join(AUX_COMPRESSIONS)}")
+        _require(self.batching in BATCHINGS, f"--batching must be one of {', '.join(BATCHINGS)}")
         _require((self.shard_index is None) == (self.num_shards is None), "--shard-index and --num-shards go together")
         _require(self.num_shards is None or self.num_shards >= 1, "--num-shards must be positive")
         _require(

@@ -55,6 +55,15 @@ TEACHERS = ("topk", "final-hidden", "both")
 AUX_COMPRESSIONS = ("auto", "lz4", "zstd", "none", "blosc-zstd")
 DEFAULT_AUX_COMPRESSION = "auto"
 LEGACY_AUX_COMPRESSION = "blosc-zstd"
+# How the HF backend lays samples out for the target's forward.  "packed" concatenates a batch's
+# samples into one row with per-sample positions and attention (no padding, no cross-sample
+# attention); "padded" right-pads length-sorted samples to the batch's longest.  Both compute the
+# same features up to kernel rounding; the choice is recorded so that a resumed cache keeps the
+# numerics it was started with ("auto": the cache's own, else packed).  An extract.json without
+# the field was written padded.
+BATCHINGS = ("auto", "packed", "padded")
+DEFAULT_BATCHING = "packed"
+LEGACY_BATCHING = "padded"
 N_AUX_LAYERS = 3
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 
@@ -95,6 +104,14 @@ def resolve_aux_compression(aux_compression: str, feature_dtype: str) -> str:
     if aux_compression == "auto":
         return "lz4" if feature_dtype == "bf16" else "zstd"
     return aux_compression
+
+
+def resolve_batching(batching: str) -> str:
+    """The concrete batching ``batching`` stands for in a new cache (resuming one, ``auto`` keeps
+    the cache's own: :func:`stage_extract.cache_dir.resumed_settings`)."""
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching {batching!r} is not one of {', '.join(BATCHINGS)}")
+    return DEFAULT_BATCHING if batching == "auto" else batching
 
 
 def has_topk(teacher: str) -> bool:

@@ -26,15 +26,18 @@ from typing import Any
 from schemas.jsonio import read_json, write_json_atomic
 from schemas.layout import (
     DEFAULT_AUX_COMPRESSION,
+    DEFAULT_BATCHING,
     EXTRACT_SPEC_FILE,
     LAYER_CONVENTION,
     LEGACY_AUX_COMPRESSION,
+    LEGACY_BATCHING,
     MANIFEST_FILE,
     PARTS_DIR,
     READABLE_SCHEMA_VERSIONS,
     WORKER_FILE,
     WORKERS_DIR,
     resolve_aux_compression,
+    resolve_batching,
 )
 
 # The target-config fields that define the feature space a draft is trained in.
@@ -140,9 +143,11 @@ class ExtractSettings:
     teacher: str = "topk"
     num_shards: int = 1
     aux_compression: str = DEFAULT_AUX_COMPRESSION  # codec of the feature planes; stored resolved
+    batching: str = DEFAULT_BATCHING  # layout of the target's forwards (schemas.layout.BATCHINGS); stored resolved
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aux_compression", resolve_aux_compression(self.aux_compression, self.feature_dtype))
+        object.__setattr__(self, "batching", resolve_batching(self.batching))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -155,6 +160,7 @@ class ExtractSettings:
         values["layer_ids"] = tuple(values["layer_ids"])
         # written before the setting existed: those caches used the blosc-zstd chain
         values.setdefault("aux_compression", LEGACY_AUX_COMPRESSION)
+        values.setdefault("batching", LEGACY_BATCHING)  # and padded batches
         return cls(**values)
 
 

@@ -7,8 +7,8 @@ for every batch the positions of its samples in the list it was given.  That is 
 run.py hands to ``HostTransfer.submit`` and the part writer collects, so the code that fills
 parts, and the training that reads them, cannot tell which engine produced a cache.
 
-Two backends exist: :class:`HFBackend` (transformers forward with layer hooks, i.e.
-:func:`extract_batch` on length-sorted padded batches) and
+Two backends exist: :class:`HFBackend` (transformers forward with layer hooks, on packed or
+padded batches) and
 :class:`stage_extract.vllm_backend.VLLMBackend` (vLLM's ``extract_hidden_states``).
 :meth:`compute` gives the same features keyed by record index, for comparisons and tests.
 
@@ -25,9 +25,10 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from pipeline.batching import length_sorted_batches
-from schemas.layout import check_feature_settings
-from stage_extract.features import extract_batch
+from pipeline.batching import consecutive_batches, length_sorted_batches
+from schemas.layout import DEFAULT_BATCHING, check_feature_settings
+from stage_extract.features import BatchFeatures, extract_batch, extract_packed
+from stage_extract.packed_attention import PackedInputs, pack_samples
 
 BACKENDS = ("hf", "vllm")
 FEATURE_PLANES = ("aux_hidden", "aux_scale", "topk_ids", "topk_logprobs", "final_hidden")
@@ -124,8 +125,10 @@ class _KeyedCompute:
 
 
 class HFBackend(_KeyedCompute):
-    """The transformers path behind the backend protocol: length-sorted padded batches through
-    :func:`extract_batch` (the loop run.py's ``launch_part`` runs today, unchanged).
+    """The transformers path behind the backend protocol.  ``batching="packed"`` (the default):
+    the samples in order, up to the token budget a batch, each batch one row through
+    :func:`extract_packed` (no padding; attention kept within each sample).  ``"padded"``:
+    length-sorted right-padded batches through :func:`extract_batch`.
 
     The model is owned by the caller (run.py loads it once for the target identity and the
     cache's target head too), so :meth:`close` leaves it alone.
@@ -150,8 +153,12 @@ class HFBackend(_KeyedCompute):
         feature_dtype: str = "bf16",
         teacher: str = "topk",
         head_chunk_tokens: int = 4096,
+        batching: str = DEFAULT_BATCHING,
     ):
         check_feature_settings(feature_dtype, teacher)
+        if batching not in ("packed", "padded"):
+            raise ValueError(f"the hf backend batches packed or padded, not {batching!r}")
+        self.batching = batching
         self.model = model
         self.layer_ids = tuple(layer_ids)
         self.top_k = int(top_k)
@@ -167,23 +174,12 @@ class HFBackend(_KeyedCompute):
         if not samples:
             return
         lengths = np.array([len(ids) for _, ids in samples])
-        for batch in length_sorted_batches(lengths, self.batch_tokens):
-            width = int(lengths[batch].max())
+        for batch in self.plan(lengths):
             row_lengths = [int(lengths[s]) for s in batch]
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, sample in enumerate(batch):
-                ids[row, : row_lengths[row]] = torch.from_numpy(np.asarray(samples[sample][1], dtype=np.int64))
-                mask[row, : row_lengths[row]] = 1
-            if self.device.type == "cuda":  # pinned, so the upload does not wait for queued forwards
-                ids, mask = ids.pin_memory(), mask.pin_memory()
-                if self._queued is not None:  # GIL-free wait, see the class docstring
-                    self._queued.synchronize()
-            features = extract_batch(
-                self.model, ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True),
-                layer_ids=self.layer_ids, top_k=self.top_k, feature_dtype=self.feature_dtype, teacher=self.teacher,
-                lengths=row_lengths, head_chunk_tokens=self.head_chunk_tokens,
-            )
+            inputs = host_inputs([samples[s][1] for s in batch], self.batching, pin=self.device.type == "cuda")
+            if self._queued is not None:  # GIL-free wait, see the class docstring
+                self._queued.synchronize()
+            features = self.extract_inputs(inputs)
             if self.device.type == "cuda":
                 self._queued = torch.cuda.Event(blocking=True)
                 self._queued.record(torch.cuda.current_stream(self.device))
@@ -194,8 +190,47 @@ class HFBackend(_KeyedCompute):
                 planes=features.tensors(),
             )
 
+    def plan(self, lengths: np.ndarray) -> list[np.ndarray]:
+        """The batches (indices into ``lengths``) the samples go through the target in."""
+        return plan_batches(lengths, self.batch_tokens, self.batching)
+
+    def extract_inputs(self, inputs) -> BatchFeatures:
+        """The features of one batch given as :func:`host_inputs` makes it (on the host or already
+        on the device)."""
+        common = dict(layer_ids=self.layer_ids, top_k=self.top_k, feature_dtype=self.feature_dtype,
+                      teacher=self.teacher, head_chunk_tokens=self.head_chunk_tokens)
+        if isinstance(inputs, PackedInputs):
+            return extract_packed(self.model, inputs.to(self.device), **common)
+        ids, mask, row_lengths = inputs
+        return extract_batch(self.model, ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True),
+                             lengths=row_lengths, **common)
+
     def close(self) -> None:
         pass
+
+
+def plan_batches(lengths: np.ndarray, batch_tokens: int, batching: str) -> list[np.ndarray]:
+    """Packed: the samples in order, up to ``batch_tokens`` real tokens a batch.  Padded:
+    length-sorted, up to ``batch_tokens`` padded tokens a batch."""
+    if batching == "packed":
+        return consecutive_batches(lengths, batch_tokens)
+    return length_sorted_batches(lengths, batch_tokens)
+
+
+def host_inputs(token_ids: Sequence[np.ndarray], batching: str, *, pin: bool = False):
+    """The forward's inputs for one batch, on the host: :class:`PackedInputs`, or the padded
+    ``(input_ids, attention_mask, lengths)``."""
+    if batching == "packed":
+        return pack_samples(token_ids, pin=pin)
+    lengths = [len(ids) for ids in token_ids]
+    ids = torch.zeros((len(lengths), max(lengths)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (tokens, n) in enumerate(zip(token_ids, lengths)):
+        ids[row, :n] = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        mask[row, :n] = 1
+    if pin:
+        ids, mask = ids.pin_memory(), mask.pin_memory()
+    return ids, mask, lengths
 
 
 def open_backend(
@@ -210,6 +245,7 @@ def open_backend(
     device: torch.device,
     feature_dtype: str = "bf16",
     teacher: str = "topk",
+    batching: str = DEFAULT_BATCHING,
     vllm_options=None,
 ) -> FeatureBackend:
     """Build the backend ``--backend`` names.  ``hf`` wraps the already loaded ``model``; ``vllm``
@@ -221,7 +257,7 @@ def open_backend(
             raise ValueError("the hf backend needs the loaded target model")
         return HFBackend(
             model, layer_ids=layer_ids, top_k=top_k, batch_tokens=batch_tokens, device=device,
-            feature_dtype=feature_dtype, teacher=teacher,
+            feature_dtype=feature_dtype, teacher=teacher, batching=batching,
         )
     if name == "vllm":
         if target_path is None:

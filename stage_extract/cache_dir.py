@@ -64,16 +64,18 @@ def _ensure_spec(folder: Path, spec: ExtractSpec, what: str) -> None:
     write_json_atomic(path, spec.to_dict())
 
 
-def resumed_aux_compression(cache_dir: Path, requested: str) -> str:
-    """``auto`` continues an existing cache with the codec it was started with.
+def resumed_setting(cache_dir: Path, name: str, requested: str) -> str:
+    """``auto`` continues an existing cache with the value of setting ``name`` it was started with.
 
-    Caches written before the codec option hold blosc-zstd planes; resuming one with the plain
-    command line must not be refused only because the default codec changed since.
+    Defaults change between releases (the aux codec, the forward's batching); resuming a cache
+    with the plain command line must not be refused, nor mix numerics, only because of that.
+    Caches written before such a setting existed read as its legacy value (see
+    :meth:`ExtractSettings.from_dict`).
     """
     path = Path(cache_dir) / EXTRACT_SPEC_FILE
     if requested != "auto" or not path.is_file():
         return requested
-    return ExtractSpec.from_dict(read_json(path)).settings.aux_compression
+    return getattr(ExtractSpec.from_dict(read_json(path)).settings, name)
 
 
 def prepare_cache_dir(cache_dir: Path, spec: ExtractSpec, shard: Shard | None = None) -> ResumeState:

@@ -1,4 +1,4 @@
-"""Running the frozen target on a padded batch and keeping what the draft needs.
+"""Running the frozen target on a batch (padded, or packed into one row) and keeping what the draft needs.
 
 The aux states are captured with forward hooks on ``model.model.layers[i]`` (output-of-layer,
 0-based; see :data:`schemas.layout.LAYER_CONVENTION`); the final hidden state, when the cache
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from schemas.layout import N_AUX_LAYERS, has_final_hidden, has_topk
+from stage_extract.packed_attention import PackedInputs, packed_attention
 from stage_extract.quant import quantize_fp8
 
 
@@ -109,14 +110,43 @@ def extract_batch(
     they are read from ``attention_mask``."""
     if lengths is None:
         lengths = attention_mask.sum(dim=1).tolist()
-    batch, width = input_ids.shape
-    index = real_token_index(lengths, width).to(input_ids.device, non_blocking=True)
+    index = real_token_index(lengths, input_ids.shape[1]).to(input_ids.device, non_blocking=True)
+    return _batch_features(
+        model, dict(input_ids=input_ids, attention_mask=attention_mask), index, lengths,
+        layer_ids=layer_ids, top_k=top_k, feature_dtype=feature_dtype, teacher=teacher, head_chunk_tokens=head_chunk_tokens,
+    )
+
+
+@torch.inference_mode()
+def extract_packed(
+    model,
+    packed: PackedInputs,
+    *,
+    layer_ids: tuple[int, ...],
+    top_k: int,
+    feature_dtype: str = "bf16",
+    teacher: str = "topk",
+    head_chunk_tokens: int = 4096,
+) -> BatchFeatures:
+    """Forward one packed row (:func:`stage_extract.packed_attention.pack_samples`) once; every
+    token is real, so the features come out in the row's order, sample after sample."""
+    with packed_attention(model):
+        return _batch_features(
+            model, packed.forward_kwargs(), None, packed.lengths,
+            layer_ids=layer_ids, top_k=top_k, feature_dtype=feature_dtype, teacher=teacher, head_chunk_tokens=head_chunk_tokens,
+        )
+
+
+def _batch_features(model, forward_kwargs: dict, index: torch.Tensor | None, lengths: list[int], *, layer_ids, top_k,
+                    feature_dtype, teacher, head_chunk_tokens) -> BatchFeatures:
+    """The forward with hooks, then the planes of the rows ``index`` selects (all rows when None)."""
     keep_final = has_final_hidden(teacher)
     with capture_layer_outputs(model, layer_ids, final_norm_input=keep_final) as captured:
-        final = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        final = model.model(**forward_kwargs, use_cache=False).last_hidden_state
 
     def real(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.reshape(batch * width, -1).index_select(0, index)
+        flat = tensor.reshape(-1, tensor.shape[-1])
+        return flat if index is None else flat.index_select(0, index)
 
     aux = torch.cat([real(captured[i]) for i in layer_ids], dim=-1)
     aux_scale = None

@@ -25,7 +25,7 @@ from pipeline.config import ExtractConfig
 from pipeline.runtime import compute_dtype, resolve_device
 from schemas.layout import FINAL_HIDDEN_CONVENTION, SCHEMA_VERSION, TARGET_HEAD_FILE, has_final_hidden, row_widths
 from schemas.manifest import CacheManifest, ExtractSettings, ExtractSpec, read_manifest, read_sealed_parts
-from stage_extract.cache_dir import prepare_cache_dir, resumed_aux_compression
+from stage_extract.cache_dir import prepare_cache_dir, resumed_setting
 from stage_extract.backends import FeatureBackend, open_backend
 from stage_extract.features import default_aux_layers, validate_aux_layers
 from stage_extract.records import RecordStats, iter_chat_records
@@ -73,6 +73,12 @@ def launch_part(backend: FeatureBackend, builder: PartBuilder, transfer: HostTra
     return sum(len(p.input_ids) for p in builder.pending)
 
 
+def cores_per_worker() -> int:
+    """This process's share of the host's cores: all of them, or under torchrun one
+    LOCAL_WORLD_SIZE-th (every GPU of the host runs its own extraction worker)."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def writer_parallelism(device: torch.device) -> dict[str, int]:
     """Part-writer threads and the shared compression pool behind them.
 
@@ -83,21 +89,21 @@ def writer_parallelism(device: torch.device) -> dict[str, int]:
     threads would only hold more parts in memory."""
     if device.type != "cuda":
         return {"threads": 1, "max_pending": 2, "encode_threads": 1}
-    cores = os.cpu_count() or 2
+    cores = cores_per_worker()
     return {"threads": min(3, max(1, cores // 4)), "max_pending": 2, "encode_threads": max(1, min(8, cores - 3))}
 
 
 def tokenizer_workers(cfg: ExtractConfig, device: torch.device) -> int:
     """``--tokenizer-workers``, else tokenizer processes on a GPU host of 16 or more cores (one
-    per 8 cores, up to 4) and none elsewhere (on CPU the cores run the target).  Measured on an
-    H200 host (16 cores, 2 processes): SmolLM2 extraction sustained 1.4x more tokens/s, an
-    8B-shaped target the same (its forward is the limit); the processes start in ~5-10 s."""
+    per 4 cores, up to 8) and none elsewhere (on CPU the cores run the target).  A process
+    tokenises ~240k tokens/s of chat on an H200 host, while SmolLM2's packed forward runs at
+    ~370k: two processes were not enough there (the forwards waited on them half the time)."""
     if cfg.tokenizer_workers is not None:
         return cfg.tokenizer_workers
-    cores = os.cpu_count() or 1
+    cores = cores_per_worker()
     if device.type != "cuda" or cores < 16:
         return 0
-    return min(4, cores // 8)
+    return min(8, cores // 4)
 
 
 def _local_device(device: torch.device) -> torch.device:
@@ -140,10 +146,11 @@ def extract_with_model(cfg: ExtractConfig, tokenizer, model, *, device: torch.de
         feature_dtype=cfg.feature_dtype,
         teacher=cfg.teacher,
         num_shards=shard.count,
-        aux_compression=resumed_aux_compression(Path(cfg.out), cfg.aux_compression),
+        aux_compression=resumed_setting(Path(cfg.out), "aux_compression", cfg.aux_compression),
+        batching=resumed_setting(Path(cfg.out), "batching", cfg.batching),
     )
     spec = ExtractSpec(SCHEMA_VERSION, target_identity(cfg.target, model, tokenizer), settings)
-    cfg = replace(cfg, aux_compression=settings.aux_compression)  # the resolved codec the writer uses
+    cfg = replace(cfg, aux_compression=settings.aux_compression, batching=settings.batching)  # resolved
     out = Path(cfg.out)
     state = prepare_cache_dir(out, spec, shard)
     started = time.perf_counter()
@@ -153,7 +160,7 @@ def extract_with_model(cfg: ExtractConfig, tokenizer, model, *, device: torch.de
         backend = open_backend(
             cfg.backend, model=model, target_path=resolve_target(cfg.target), layer_ids=layer_ids, top_k=cfg.top_k,
             batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, device=device,
-            feature_dtype=cfg.feature_dtype, teacher=cfg.teacher,
+            feature_dtype=cfg.feature_dtype, teacher=cfg.teacher, batching=cfg.batching,
             vllm_options=vllm_options(cfg) if cfg.backend == "vllm" else None,
         )
         try:

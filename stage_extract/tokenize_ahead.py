@@ -7,7 +7,8 @@ thread read the records and hand chunks of them to a pool of spawned tokenizer p
 and yields them in order with their tokens, behind a bounded queue.  The output is the same as
 inline (``workers=0``): only where the work runs changes.  (A tokenizer thread instead of
 processes measured slower than inline: the template rendering holds the GIL.)  The processes
-take a few seconds to start (each imports transformers), which only a long run earns back.
+take several seconds to start (each imports transformers); until the first one is up, the
+producer thread tokenises the chunks itself, so the forwards never wait for the pool to start.
 
 Records that ``wanted`` refuses (already sealed, another worker's) pass through untokenised.
 Every item carries a snapshot of the reader's :class:`RecordStats` after its record, so that a
@@ -19,6 +20,8 @@ happened (a tokenizer error names the record's source), after every record befor
 from __future__ import annotations
 
 import multiprocessing
+import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -33,6 +36,7 @@ __all__ = ["TokenizedRecord", "tokenize_ahead", "tokenize_record"]
 
 CHUNK_RECORDS = 64  # records per task sent to a tokenizer process
 QUEUE_RECORDS = 4096  # records tokenised ahead of the consumer, at most
+_INLINE = object()  # a chunk the producer thread tokenises itself (the pool was not up yet)
 
 
 @dataclass
@@ -55,8 +59,17 @@ _worker_tokenizer: Any = None
 
 
 def _init_worker(tokenizer: Any) -> None:
-    global _worker_tokenizer  # one tokenizer per pool process, sent once
+    """``tokenizer``: a folder it was saved to (see :func:`_tokenized_by_pool`), or the object."""
+    global _worker_tokenizer  # one tokenizer per pool process, loaded once
+    if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     _worker_tokenizer = tokenizer
+
+
+def _worker_ready() -> bool:
+    return True
 
 
 def _tokenize_chunk(records: list[ChatRecord], max_length: int) -> list[TokenizedConversation | None]:
@@ -87,29 +100,87 @@ def tokenize_ahead(
     yield from prefetch(_tokenized_by_pool(records, stats, tokenizer, wanted, max_length, workers), depth=QUEUE_RECORDS)
 
 
+def _process_context():
+    """Tokenizer processes fork from a fork server that imported torch and transformers once:
+    not a plain fork (the extraction process holds CUDA and threads), not spawn (every child
+    re-imports the ``__main__`` module, i.e. torch and the CLI or a benchmark, ~10 s a process
+    on an H200 host)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers", "stage_extract.tokenize_ahead"])
+    return context
+
+
+class _BackgroundPool:
+    """A process pool started by a thread of its own: starting the fork server and the
+    processes takes seconds, during which the producer tokenises chunks itself instead of
+    waiting.  :meth:`ready` turns true once a process holds the tokenizer; a pool that fails to
+    start stays not ready (everything is then tokenised inline, with the same result)."""
+
+    def __init__(self, workers: int, tokenizer_source: Any):
+        self.pool: ProcessPoolExecutor | None = None
+        self._up = threading.Event()
+        self._thread = threading.Thread(target=self._start, args=(workers, tokenizer_source),
+                                        name="talon-tokenizer-start", daemon=True)
+        self._thread.start()
+
+    def _start(self, workers: int, tokenizer_source: Any) -> None:
+        try:
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=_process_context(),
+                                            initializer=_init_worker, initargs=(tokenizer_source,))
+            started = [self.pool.submit(_worker_ready) for _ in range(workers)]  # one process each
+            started[0].result()
+            self._up.set()
+        except Exception:  # noqa: BLE001 - no pool: the producer keeps tokenising inline
+            pass
+
+    def ready(self) -> bool:
+        return self._up.is_set()
+
+    def shutdown(self) -> None:
+        self._thread.join()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _tokenized_by_pool(records, stats, tokenizer, wanted, max_length: int, workers: int) -> Iterator[TokenizedRecord]:
-    """Chunks of wanted records go to a pool of ``workers`` spawned processes; the items come
-    back in record order as chunks finish.  Closing the generator shuts the pool down."""
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(tokenizer,))
-    in_flight: deque = deque()  # (items of the chunk, future of their wanted records' tokens)
+    """Chunks of wanted records go to a pool of ``workers`` processes; the items come back in
+    record order as chunks finish.  Until a process is up, chunks are tokenised here instead
+    (in order, when their turn comes).  Closing the generator shuts the pool down."""
+    # The processes get the tokenizer as a saved folder, not as a pickle (MBs): a process reads
+    # its start arguments only once it runs, and the writer of a pipe that size waits for it.
+    folder = tempfile.TemporaryDirectory(prefix="talon-tokenizer-")
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder.name)
+    starting = _BackgroundPool(workers, folder.name if hasattr(tokenizer, "save_pretrained") else tokenizer)
+    in_flight: deque = deque()  # (items of the chunk, future of their wanted records' tokens, or INLINE)
     chunk: list[TokenizedRecord] = []
 
     def send() -> None:
         nonlocal chunk
         if chunk:
             todo = [item.record for item in chunk if item.wanted]
-            in_flight.append((chunk, pool.submit(_tokenize_chunk, todo, max_length) if todo else None))
+            if not todo:
+                in_flight.append((chunk, None))
+            elif starting.ready():
+                in_flight.append((chunk, starting.pool.submit(_tokenize_chunk, todo, max_length)))
+            else:
+                in_flight.append((chunk, _INLINE))
             chunk = []
+
+    def here(items: list[TokenizedRecord]) -> Iterator[TokenizedConversation | None]:
+        return (tokenize_record(tokenizer, item.record, max_length) for item in items if item.wanted)
 
     def oldest() -> Iterator[TokenizedRecord]:
         items, future = in_flight.popleft()
         try:
-            tokens = iter(future.result() if future is not None else ())
+            if future is _INLINE:
+                tokens = here(items)
+            else:
+                tokens = iter(future.result() if future is not None else ())
         except Exception:
             # Redo the chunk here, record by record: the records before the bad one are delivered
             # (their part may complete and be sealed, as inline) and the error comes at its record.
-            tokens = (tokenize_record(tokenizer, item.record, max_length) for item in items if item.wanted)
+            tokens = here(items)
         for item in items:
             if item.wanted:
                 item.tokens = next(tokens)
@@ -137,4 +208,5 @@ def _tokenized_by_pool(records, stats, tokenizer, wanted, max_length: int, worke
         if failure is not None:
             raise failure
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        starting.shutdown()
+        folder.cleanup()

@@ -1,5 +1,6 @@
 """The extraction bench's bookkeeping: the baseline's batches are the run's own (parts cut in
-record order, each length-sorted), and the sustained rate skips the pipeline's fill."""
+record order, each batched on its own, packed or length-sorted), and the sustained rate skips the
+pipeline's fill."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pipeline.batching import length_sorted_batches
 
 def test_run_batches_cut_parts_in_record_order_then_sort_within_each():
     lengths = np.array([5, 9, 3, 8, 2, 7, 6, 4])
-    batches = run_batches(lengths, batch_tokens=16, part_tokens=16)
+    batches = run_batches(lengths, batch_tokens=16, part_tokens=16, batching="padded")
     # parts: [5, 9, 3] (17 tokens), [8, 2, 7] (17), [6, 4]; each batched on its own
     expected = [b for start, stop in ((0, 3), (3, 6), (6, 8))
                 for b in (batch + start for batch in length_sorted_batches(lengths[start:stop], 16))]
@@ -21,8 +22,16 @@ def test_run_batches_cut_parts_in_record_order_then_sort_within_each():
     assert padding_efficiency(lengths, batches) == pytest.approx(44 / sum(len(b) * lengths[b].max() for b in batches))
     # a long and a short sample per part: batched part by part they pad each other, a global sort does not
     mixed = np.array([10, 1, 10, 1, 10, 1])
-    assert padding_efficiency(mixed, run_batches(mixed, batch_tokens=20, part_tokens=11)) == pytest.approx(33 / 60)
+    assert padding_efficiency(mixed, run_batches(mixed, batch_tokens=20, part_tokens=11, batching="padded")) == pytest.approx(33 / 60)
     assert padding_efficiency(mixed, length_sorted_batches(mixed, 20)) == pytest.approx(33 / 42)  # [10,10] [10,1] [1,1]
+
+
+def test_packed_run_batches_keep_record_order_within_each_part():
+    lengths = np.array([5, 9, 3, 8, 2, 7, 6, 4])
+    batches = run_batches(lengths, batch_tokens=16, part_tokens=16)  # packed, the default
+    # parts [5, 9, 3], [8, 2, 7], [6, 4]; within each, consecutive samples up to 16 real tokens
+    assert [b.tolist() for b in batches] == [[0, 1], [2], [3, 4], [5], [6, 7]]
+    assert padding_efficiency(lengths, batches, "packed") == 1.0
 
 
 def test_sustained_rate_counts_from_the_end_of_the_first_quarter():

@@ -142,23 +142,24 @@ def test_each_failure_point_resumes(tiny_target_dir, chat_jsonl, tiny_cache, tmp
 
 
 def test_nonfinite_sample_is_dropped_counted_and_listed(tiny_target_dir, chat_jsonl, tiny_cache, tmp_path, monkeypatch):
-    original = stage_extract.backends.extract_batch
+    original = stage_extract.backends.extract_packed
     reference = CacheReader(tiny_cache)
     poisoned_record = reference.record_index(3)
-    poisoned_length = int(reference.lengths[3])
+    poisoned_ids = reference.read_sample(3)["input_ids"]
 
     @torch.inference_mode()
-    def poisons_one_sample(model, input_ids, attention_mask, **kwargs):
-        features = original(model, input_ids, attention_mask, **kwargs)
+    def poisons_one_sample(model, packed, **kwargs):
+        features = original(model, packed, **kwargs)
+        row = packed.input_ids[0].cpu().numpy()
         start = 0
-        for row, n in enumerate(features.lengths):
-            if n == poisoned_length and bool((input_ids[row, :n].cpu().numpy() == reference.read_sample(3)["input_ids"]).all()):
+        for n in features.lengths:
+            if n == len(poisoned_ids) and bool((row[start : start + n] == poisoned_ids).all()):
                 features.aux_hidden[start + n // 2, 5] = float("nan")
                 features.finite[start + n // 2] = torch.isfinite(features.aux_hidden[start + n // 2]).all()
             start += n
         return features
 
-    monkeypatch.setattr(stage_extract.backends, "extract_batch", poisons_one_sample)
+    monkeypatch.setattr(stage_extract.backends, "extract_packed", poisons_one_sample)
     out = tmp_path / "nan"
     summary = run_extract(extract_config(out, tiny_target_dir, chat_jsonl))
     manifest = read_manifest(out)

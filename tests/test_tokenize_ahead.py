@@ -45,6 +45,64 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(str(smollm2_dir))
 
 
+class _SlowStartPool:
+    """A stand-in for the process pool that runs tasks at once, but whose processes count as
+    started only after ``start_after`` submitted chunks; it records which chunks it ran."""
+
+    start_after = 3
+    last = None
+
+    def __init__(self, max_workers, mp_context, initializer, initargs):
+        initializer(*initargs)
+        self.chunks_seen = 0
+        self.ran: list[int] = []
+        self.ready = []
+        _SlowStartPool.last = self
+
+    def submit(self, function, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        if function.__name__ == "_worker_ready":
+            self.ready.append(future)
+            return future
+        self.ran.append(args[0][0].record_index)
+        future.set_result(function(*args))
+        return future
+
+    def note_chunk(self):
+        self.chunks_seen += 1
+        if self.chunks_seen == self.start_after:
+            for future in self.ready:
+                future.set_result(True)
+
+    def shutdown(self, wait, cancel_futures):
+        pass
+
+
+def test_chunks_sent_before_the_processes_start_are_tokenised_in_order_here(tokenizer, tmp_path, monkeypatch):
+    import stage_extract.tokenize_ahead as ahead
+
+    monkeypatch.setattr(ahead, "CHUNK_RECORDS", 10)
+    monkeypatch.setattr(ahead, "ProcessPoolExecutor", _SlowStartPool)
+    counted = ahead.tokenize_record
+
+    def tokenize_record(tok, record, max_length):  # every record tokenised here, in either path
+        if record.record_index % 10 == 0 and _SlowStartPool.last is not None:
+            _SlowStartPool.last.note_chunk()
+        return counted(tok, record, max_length)
+
+    monkeypatch.setattr(ahead, "tokenize_record", tokenize_record)
+    path = _chats(tmp_path / "chats.jsonl", 150)
+    inline, final = _run(path, tokenizer, 0)
+    assert _run(path, tokenizer, 2) == (inline, final)
+    # the first chunks went out before the pool was up and were tokenised here; the pool ran
+    # every later one, in order
+    ran = _SlowStartPool.last.ran
+    chunks = [r // 10 for r in ran]  # each chunk's first wanted record
+    assert chunks == list(range(chunks[0], 15)) and 3 <= chunks[0] <= 10
+
+
 def test_tokenizer_processes_give_the_inline_stream(tokenizer, tmp_path, monkeypatch):
     import stage_extract.tokenize_ahead as ahead
 

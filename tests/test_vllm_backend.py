@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 
 from pipeline.batching import length_sorted_batches
 from stage_extract.backends import BackendUnavailable, HFBackend, open_backend
-from stage_extract.features import capture_layer_outputs, default_aux_layers, extract_batch
+from stage_extract.features import capture_layer_outputs, default_aux_layers, extract_batch, extract_packed
+from stage_extract.packed_attention import pack_samples
 from stage_extract.vllm_backend import (
     FinishedRequest,
     TargetHead,
@@ -404,27 +405,35 @@ def test_vllm_options_are_validated():
 # --------------------------------------------------------------------------- the HF adapter
 
 
+@pytest.mark.parametrize("batching", ["packed", "padded"])
 @pytest.mark.parametrize("feature_dtype, teacher", [("bf16", "topk"), ("fp8", "both")])
-def test_hf_backend_equals_extract_batch(tiny_model, feature_dtype, teacher):
+def test_hf_backend_equals_extract_batch(tiny_model, feature_dtype, teacher, batching):
     layer_ids, top_k, batch_tokens = (1, 3, 4), 8, 64
     lengths = [17, 5, 30, 9, 12, 30, 3]
     samples = random_samples([10, 11, 12, 14, 15, 16, 20], lengths, vocab=2048, seed=2)
     backend = HFBackend(
         tiny_model, layer_ids=layer_ids, top_k=top_k, batch_tokens=batch_tokens, device=torch.device("cpu"),
-        feature_dtype=feature_dtype, teacher=teacher,
+        feature_dtype=feature_dtype, teacher=teacher, batching=batching,
     )
     batches = list(backend.feature_batches(samples))
-    expected_batches = length_sorted_batches(np.array(lengths), batch_tokens)
+    if batching == "packed":  # in order, up to 64 real tokens: [17, 5, 30, 9], [12, 30, 3]
+        expected_batches = [np.arange(0, 4), np.arange(4, 7)]
+    else:
+        expected_batches = length_sorted_batches(np.array(lengths), batch_tokens)
     assert len(batches) == len(expected_batches) > 1 and max(len(b) for b in expected_batches) > 1
     for got, batch in zip(batches, expected_batches):
-        # Reference: extract_batch called directly on the same padded batch.
-        width = max(lengths[i] for i in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(batch):
-            ids[row, : lengths[i]] = torch.from_numpy(samples[i][1])
-            mask[row, : lengths[i]] = 1
-        ref = extract_batch(tiny_model, ids, mask, layer_ids=layer_ids, top_k=top_k, feature_dtype=feature_dtype, teacher=teacher)
+        # Reference: extract_batch (extract_packed) called directly on the same padded (packed) batch.
+        if batching == "packed":
+            ref = extract_packed(tiny_model, pack_samples([samples[i][1] for i in batch]), layer_ids=layer_ids,
+                                 top_k=top_k, feature_dtype=feature_dtype, teacher=teacher)
+        else:
+            width = max(lengths[i] for i in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(batch):
+                ids[row, : lengths[i]] = torch.from_numpy(samples[i][1])
+                mask[row, : lengths[i]] = 1
+            ref = extract_batch(tiny_model, ids, mask, layer_ids=layer_ids, top_k=top_k, feature_dtype=feature_dtype, teacher=teacher)
         assert got.positions == [int(i) for i in batch]
         assert got.record_indices == [samples[i][0] for i in batch] and got.lengths == ref.lengths
         assert sorted(got.planes) == sorted(ref.tensors())
