@@ -22,6 +22,7 @@ from __future__ import annotations
 import multiprocessing
 import tempfile
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -130,8 +131,9 @@ class _BackgroundPool:
             started = [self.pool.submit(_worker_ready) for _ in range(workers)]  # one process each
             started[0].result()
             self._up.set()
-        except Exception:  # noqa: BLE001 - no pool: the producer keeps tokenising inline
-            pass
+        except Exception as err:  # noqa: BLE001 - no pool: the producer keeps tokenising inline
+            warnings.warn(f"tokenizer processes did not start ({type(err).__name__}: {err}); "
+                          "tokenising in the extraction process instead (same cache, slower)", RuntimeWarning)
 
     def ready(self) -> bool:
         return self._up.is_set()
