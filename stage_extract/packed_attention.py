@@ -22,6 +22,7 @@ up to the token budget.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Iterator, Sequence
@@ -89,8 +90,10 @@ def _causal_per_sample(query, key, value, cu_seq_lens, scale):
     return out
 
 
+@functools.cache
 def _varlen_kernel():
-    """PyTorch's variable-length flash attention and the keywords its version takes, or None."""
+    """PyTorch's variable-length flash attention and the keywords its version takes, or None
+    (looked up once: this runs in every layer of every forward)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -114,7 +117,7 @@ def _causal_varlen(query, key, value, cu_seq_lens, max_length, scale, kernel):
             kwargs["enable_gqa"] = True
         else:
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    if scale is not None:
+    if scale is not None and not math.isclose(scale, query.shape[-1] ** -0.5, rel_tol=1e-6):
         if "scale" in params:
             kwargs["scale"] = scale
         else:  # the kernel's own scale is 1/sqrt(D): fold the difference into the queries

@@ -118,17 +118,17 @@ def _fake_old_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_cau
 def _fake_new_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
     """The later signature: causal as a window, a scale, GQA in the kernel."""
     assert window_size == (-1, 0) and enable_gqa and key.shape[1] < query.shape[1]
-    return _reference_attention(query, key, value, cu_seq_q.tolist(), scale)
+    return _reference_attention(query, key, value, cu_seq_q.tolist(), query.shape[-1] ** -0.5 if scale is None else scale)
 
 
-@pytest.mark.parametrize("fake", [_fake_old_varlen, _fake_new_varlen])
-def test_varlen_call_adapts_to_the_kernel_signature(fake):
+@pytest.mark.parametrize("scale", [0.3, 8 ** -0.5])  # 0.3 is not the kernel's default 1/sqrt(D): the old
+@pytest.mark.parametrize("fake", [_fake_old_varlen, _fake_new_varlen])  # signature must fold it into the queries
+def test_varlen_call_adapts_to_the_kernel_signature(fake, scale):
     import inspect
 
     torch.manual_seed(0)
     bounds = [0, 5, 6, 14]
     query, key, value = torch.randn(14, 4, 8), torch.randn(14, 2, 8), torch.randn(14, 2, 8)
-    scale = 0.3  # not the kernel default 1/sqrt(8): the old signature must fold it into the queries
     cu = torch.tensor(bounds, dtype=torch.int32)
     kernel = (fake, frozenset(inspect.signature(fake).parameters))
     got = _causal_varlen(query, key, value, cu, 8, scale, kernel)

@@ -5,6 +5,7 @@ same cache bytes from a whole extraction."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -45,38 +46,37 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(str(smollm2_dir))
 
 
-class _SlowStartPool:
-    """A stand-in for the process pool that runs tasks at once, but whose processes count as
-    started only after ``start_after`` submitted chunks; it records which chunks it ran."""
+class _PoolReadyAfterThreeChunks:
+    """Stands in for ``_BackgroundPool``: its "processes" run a task at once, in this process,
+    but count as started only once three chunks have been tokenised inline; it records the
+    first record of every chunk it ran."""
 
-    start_after = 3
+    inline_chunks: set = set()
     last = None
 
-    def __init__(self, max_workers, mp_context, initializer, initargs):
-        initializer(*initargs)
-        self.chunks_seen = 0
-        self.ran: list[int] = []
-        self.ready = []
-        _SlowStartPool.last = self
-
-    def submit(self, function, *args):
+    def __init__(self, workers, tokenizer_source):
         from concurrent.futures import Future
 
-        future = Future()
-        if function.__name__ == "_worker_ready":
-            self.ready.append(future)
-            return future
-        self.ran.append(args[0][0].record_index)
-        future.set_result(function(*args))
-        return future
+        import stage_extract.tokenize_ahead as ahead
 
-    def note_chunk(self):
-        self.chunks_seen += 1
-        if self.chunks_seen == self.start_after:
-            for future in self.ready:
-                future.set_result(True)
+        ahead._init_worker(tokenizer_source)
+        self.ran: list[int] = []
+        outer = self
 
-    def shutdown(self, wait, cancel_futures):
+        class Immediate:
+            def submit(self, function, records, max_length):
+                outer.ran.append(records[0].record_index)
+                future = Future()
+                future.set_result(function(records, max_length))
+                return future
+
+        self.pool = Immediate()
+        _PoolReadyAfterThreeChunks.last = self
+
+    def ready(self) -> bool:
+        return len(_PoolReadyAfterThreeChunks.inline_chunks) >= 3
+
+    def shutdown(self) -> None:
         pass
 
 
@@ -84,23 +84,48 @@ def test_chunks_sent_before_the_processes_start_are_tokenised_in_order_here(toke
     import stage_extract.tokenize_ahead as ahead
 
     monkeypatch.setattr(ahead, "CHUNK_RECORDS", 10)
-    monkeypatch.setattr(ahead, "ProcessPoolExecutor", _SlowStartPool)
+    monkeypatch.setattr(ahead, "_BackgroundPool", _PoolReadyAfterThreeChunks)
+    monkeypatch.setattr(_PoolReadyAfterThreeChunks, "inline_chunks", set())
+    path = _chats(tmp_path / "chats.jsonl", 150)
+    inline, final = _run(path, tokenizer, 0)
     counted = ahead.tokenize_record
 
-    def tokenize_record(tok, record, max_length):  # every record tokenised here, in either path
-        if record.record_index % 10 == 0 and _SlowStartPool.last is not None:
-            _SlowStartPool.last.note_chunk()
+    def tokenize_record(tok, record, max_length):  # the inline path: the pool's tasks use _tokenize_chunk
+        _PoolReadyAfterThreeChunks.inline_chunks.add(record.record_index // 10)
         return counted(tok, record, max_length)
 
     monkeypatch.setattr(ahead, "tokenize_record", tokenize_record)
-    path = _chats(tmp_path / "chats.jsonl", 150)
-    inline, final = _run(path, tokenizer, 0)
+    monkeypatch.setattr(ahead, "_tokenize_chunk", lambda records, n: [counted(ahead._worker_tokenizer, r, n) for r in records])
     assert _run(path, tokenizer, 2) == (inline, final)
-    # the first chunks went out before the pool was up and were tokenised here; the pool ran
-    # every later one, in order
-    ran = _SlowStartPool.last.ran
-    chunks = [r // 10 for r in ran]  # each chunk's first wanted record
-    assert chunks == list(range(chunks[0], 15)) and 3 <= chunks[0] <= 10
+    # Chunks sent while the pool was not up were queued for this thread; from the first one sent
+    # after it came up, the pool ran every chunk, in order.  With 2 processes, 5 chunks are in
+    # flight before the producer tokenises the oldest, so the pool is up from the 8th chunk.
+    chunks = [r // 10 for r in _PoolReadyAfterThreeChunks.last.ran]  # each chunk's first wanted record
+    assert chunks == list(range(7, 15))
+    assert _PoolReadyAfterThreeChunks.inline_chunks == set(range(7))
+
+
+def test_background_pool_starts_processes_or_says_why_not(tokenizer, tmp_path):
+    import stage_extract.tokenize_ahead as ahead
+
+    folder = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(folder)
+    starting = ahead._BackgroundPool(1, str(folder))
+    record = next(iter_chat_records(str(_chats(tmp_path / "chats.jsonl", 3))))
+    try:
+        for _ in range(600):
+            if starting.ready():
+                break
+            time.sleep(0.1)
+        assert starting.ready()
+        (tokens,) = starting.pool.submit(ahead._tokenize_chunk, [record], 96).result()
+        assert tokens.input_ids.tolist() == ahead.tokenize_record(tokenizer, record, 96).input_ids.tolist()
+    finally:
+        starting.shutdown()
+    with pytest.warns(RuntimeWarning, match="tokenizer processes did not start"):
+        broken = ahead._BackgroundPool(1, str(tmp_path / "no-such-tokenizer"))
+        broken.shutdown()
+    assert not broken.ready()
 
 
 def test_tokenizer_processes_give_the_inline_stream(tokenizer, tmp_path, monkeypatch):
