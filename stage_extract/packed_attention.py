@@ -132,7 +132,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     if cu_seq_lens is None or query.shape[0] != 1:
         raise RuntimeError(
             f"the {PACKED_ATTENTION!r} attention needs one packed row and its sample boundaries "
-            "(cu_seq_lens_q); run the forward through stage_extract.features.extract_batch"
+            "(cu_seq_lens_q); run the forward through stage_extract.features.extract_packed"
         )
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # [T, H, D]
     kernel = _varlen_kernel() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None

@@ -3,7 +3,7 @@
 Rendering a chat template is Python work (~200-300k tokens/s on one core), about a small
 target's forward rate: done inline, the main thread alternates between tokenising a part's
 records and queueing its forwards.  With ``workers >= 1``, :func:`tokenize_ahead` has a producer
-thread read the records and hand chunks of them to a pool of spawned tokenizer processes,
+thread read the records and hand chunks of them to a pool of tokenizer processes,
 and yields them in order with their tokens, behind a bounded queue.  The output is the same as
 inline (``workers=0``): only where the work runs changes.  (A tokenizer thread instead of
 processes measured slower than inline: the template rendering holds the GIL.)  The processes
@@ -88,7 +88,7 @@ def tokenize_ahead(
 ) -> Iterator[TokenizedRecord]:
     """The records of ``records`` (which fills ``stats``) in order, tokenised.
 
-    ``workers``: 0 tokenises inline (no thread, no process), N >= 1 in N spawned processes fed
+    ``workers``: 0 tokenises inline (no thread, no process), N >= 1 in N processes fed
     by a producer thread (:func:`pipeline.prefetch.prefetch`)."""
     if workers < 0:
         raise ValueError(f"tokenizer workers must be >= 0, got {workers}")
@@ -102,10 +102,11 @@ def tokenize_ahead(
 
 
 def _process_context():
-    """Tokenizer processes fork from a fork server that imported torch and transformers once:
-    not a plain fork (the extraction process holds CUDA and threads), not spawn (every child
-    re-imports the ``__main__`` module, i.e. torch and the CLI or a benchmark, ~10 s a process
-    on an H200 host)."""
+    """Tokenizer processes fork from a fork server that imported torch and transformers once.
+    Not a plain fork: the extraction process holds CUDA and threads.  Not spawn: every child
+    would import torch and transformers itself (each child re-imports the ``__main__`` module,
+    the CLI or a benchmark, which imports torch), ~10 s a process on an H200 host; forked from
+    the server, that re-import finds them loaded."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "transformers", "stage_extract.tokenize_ahead"])
     return context
@@ -151,9 +152,11 @@ def _tokenized_by_pool(records, stats, tokenizer, wanted, max_length: int, worke
     # The processes get the tokenizer as a saved folder, not as a pickle (MBs): a process reads
     # its start arguments only once it runs, and the writer of a pipe that size waits for it.
     folder = tempfile.TemporaryDirectory(prefix="talon-tokenizer-")
+    source = tokenizer  # a stand-in without save_pretrained (tests) goes as a pickle
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(folder.name)
-    starting = _BackgroundPool(workers, folder.name if hasattr(tokenizer, "save_pretrained") else tokenizer)
+        source = folder.name
+    starting = _BackgroundPool(workers, source)
     in_flight: deque = deque()  # (items of the chunk, future of their wanted records' tokens, or INLINE)
     chunk: list[TokenizedRecord] = []
 
