@@ -87,23 +87,27 @@ def padding_efficiency(lengths, batches, batching: str = "padded") -> float:
 
 
 def time_forwards(model, samples, batch_tokens: int, part_tokens: int, device, layer_ids, top_k: int, feature_dtype: str,
-                  teacher: str, repeats: int, batching: str, backbone: bool = True):
+                  teacher: str, repeats: int, batching: str, backbone: bool = True, cuda_graphs: bool = False):
     """tok/s of the backbone (``None`` unless ``backbone``) and of the feature extraction on the
     batches the run forms with ``batching`` (so the run/features ratio is what writing costs), and
-    the padding efficiency of those batches."""
+    the padding efficiency of those batches.  With ``cuda_graphs`` the features are replayed from
+    graphs (from pinned host inputs, as the run does; every shape is captured in the warm-up),
+    else the inputs are on the device before the clock starts."""
     import numpy as np
     import torch
 
     from stage_extract.backends import HFBackend, host_inputs
+    from stage_extract.cuda_graphs import static_shape
     from stage_extract.packed_attention import PackedInputs, packed_attention
 
     lengths = np.array([len(s) for s in samples])
     planned = run_batches(lengths, batch_tokens, part_tokens, batching)
     backend = HFBackend(model, layer_ids=layer_ids, top_k=top_k, batch_tokens=batch_tokens, device=device,
-                        feature_dtype=feature_dtype, teacher=teacher, batching=batching)
-    batches = []
+                        feature_dtype=feature_dtype, teacher=teacher, batching=batching, cuda_graphs=cuda_graphs)
+    host, batches = [], []
     for batch in planned:
-        inputs = host_inputs([samples[s] for s in batch], batching)
+        inputs = host_inputs([samples[s] for s in batch], batching, pin=device.type == "cuda")
+        host.append(inputs)
         batches.append(inputs.to(device) if isinstance(inputs, PackedInputs) else (inputs[0].to(device), inputs[1].to(device), inputs[2]))
 
     def forward(inputs):
@@ -113,11 +117,11 @@ def time_forwards(model, samples, batch_tokens: int, part_tokens: int, device, l
         else:
             model.model(input_ids=inputs[0], attention_mask=inputs[1], use_cache=False)
 
-    def rate(step) -> float:
+    def rate(step, inputs_list) -> float:
         sync(device)
         started = time.perf_counter()
         for _ in range(repeats):
-            for inputs in batches:
+            for inputs in inputs_list:
                 step(inputs)
         sync(device)
         return int(lengths.sum()) * repeats / (time.perf_counter() - started)
@@ -125,9 +129,17 @@ def time_forwards(model, samples, batch_tokens: int, part_tokens: int, device, l
     with torch.inference_mode():
         for inputs in batches[:4]:  # warm-up: kernels, allocator
             forward(inputs)
-            backend.extract_inputs(inputs)
-        backbone_rate = rate(forward) if backbone else None
-        features_rate = rate(backend.extract_inputs)
+        feature_inputs = host if cuda_graphs else batches
+        shapes = set()
+        for position, inputs in enumerate(feature_inputs):
+            shape = static_shape(inputs.lengths, batch_tokens) if cuda_graphs else None
+            if position < 4 or (shape is not None and shape not in shapes):
+                backend.extract_inputs(inputs)
+                shapes.add(shape)
+        backbone_rate = rate(forward, batches) if backbone else None
+        features_rate = rate(backend.extract_inputs, feature_inputs)
+    if cuda_graphs:
+        print(f"features with CUDA graphs: {backend.graph_stats()}", file=sys.stderr)
     return backbone_rate, features_rate, padding_efficiency(lengths, planned, batching)
 
 
@@ -257,8 +269,12 @@ def disk_write_bandwidth(directory: Path, gib: float) -> float:
     return count * len(block) / seconds / 1e6
 
 
-def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, gains: list[list]) -> list[list]:
-    """The table's rows for one target; appends the packed-against-padded comparison to ``gains``."""
+def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, gains: list[list], graph_gains: list[list],
+                 disk: float | None) -> list[list]:
+    """The table's rows for one target; appends the packed-against-padded comparison to ``gains``
+    and the graphs-against-eager one to ``graph_gains``."""
+    from stage_extract.cuda_graphs import use_cuda_graphs
+
     import numpy as np
 
     from pipeline.config import ExtractConfig
@@ -270,13 +286,20 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, g
     layer_ids = aux_layers_for(int(model.config.num_hidden_layers))
     lengths = np.array([len(s) for s in samples])
     padded_efficiency = padding_efficiency(lengths, run_batches(lengths, args.batch_tokens, args.part_tokens, "padded"))
+    graphs = use_cuda_graphs(args.cuda_graphs, device=device, batching=args.batching)
     rows = []
     for number, setting in enumerate(args.settings.split(",")):
         feature_dtype, teacher = setting.split("/")
         timing = dict(device=device, layer_ids=layer_ids, top_k=args.top_k, feature_dtype=feature_dtype, teacher=teacher,
                       repeats=args.repeats)
         backbone, features, efficiency = time_forwards(model, samples, args.batch_tokens, args.part_tokens,
-                                                       batching=args.batching, **timing)
+                                                       batching=args.batching, cuda_graphs=graphs, **timing)
+        if number == 0 and graphs and args.compare_eager:
+            # What the graphs gain on the same batches: the eager features, inputs already on the device.
+            _, eager, _ = time_forwards(model, samples, args.batch_tokens, args.part_tokens, batching=args.batching,
+                                        backbone=False, **timing)
+            graph_gains.append([name, setting, round(eager), round(features), f"{features / eager:.2f}"])
+            print(" | ".join(str(v) for v in graph_gains[-1]), file=sys.stderr)
         if number == 0 and args.batching == "packed" and args.compare_padded:
             # What packing gains on the same samples, parts and token budget: the padded run batches.
             _, padded, _ = time_forwards(model, samples, args.batch_tokens, args.part_tokens, batching="padded",
@@ -289,7 +312,7 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, g
                             layers=layer_ids, batch_tokens=args.batch_tokens, part_tokens=args.part_tokens,
                             device=device.type, progress=False, feature_dtype=feature_dtype, teacher=teacher,
                             aux_compression=args.aux_compression, batching=args.batching,
-                            tokenizer_workers=args.tokenizer_workers)
+                            tokenizer_workers=args.tokenizer_workers, cuda_graphs=args.cuda_graphs)
         sync(device)
         started = time.perf_counter()
         sampler = main_thread_sampler() if args.sample_main_thread else contextlib.nullcontext()
@@ -304,12 +327,16 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, g
         loop = summary["tokens"] / max(phases.pop("last_submit_at") - started, 1e-9)
         sustained = sustained_rate(phases.pop("seals"))
         print(f"{name} {setting}: run {seconds:.2f} s, forward loop {summary['tokens'] / loop:.2f} s; summed phase "
-              "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()), file=sys.stderr)
+              "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+              + f"; CUDA graphs: {summary.get('cuda_graphs')}", file=sys.stderr)
+        written = run * summary["bytes_per_token"] / 1e6
+        written_sustained = sustained * summary["bytes_per_token"] / 1e6 if sustained else None
         rows.append([name, setting, n_tokens, round(n_tokens / tokenise_seconds), round(backbone), round(features),
                      round(run), f"{run / features:.2f}", f"{loop / features:.2f}",
                      f"{sustained / features:.2f}" if sustained else "n/a", f"{summary['bytes_per_token'] / 1024:.2f}",
-                     f"{run * summary['bytes_per_token'] / 1e6:,.1f}",
-                     f"{sustained * summary['bytes_per_token'] / 1e6:,.1f}" if sustained else "n/a",
+                     f"{written:,.1f}", f"{written_sustained:,.1f}" if sustained else "n/a",
+                     f"{written / disk:.2f}" if disk else "n/a",
+                     f"{written_sustained / disk:.2f}" if disk and sustained else "n/a",
                      f"{efficiency:.3f}"])
         print(" | ".join(str(v) for v in rows[-1]), file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True)
@@ -339,6 +366,9 @@ def main() -> None:
     parser.add_argument("--batching", default="packed", choices=("packed", "padded"), help="talon extract --batching")
     parser.add_argument("--no-compare-padded", dest="compare_padded", action="store_false",
                         help="skip timing the padded batches beside the packed ones")
+    parser.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"), help="talon extract --cuda-graphs")
+    parser.add_argument("--no-compare-eager", dest="compare_eager", action="store_false",
+                        help="skip timing the eager forwards beside the CUDA-graph ones")
     parser.add_argument("--tokenizer-workers", type=int, default=None, help="talon extract --tokenizer-workers")
     parser.add_argument("--sample-main-thread", action="store_true",
                         help="print where the run's main thread spends its time (stack samples every 10 ms)")
@@ -368,28 +398,30 @@ def main() -> None:
     args.disk_gib = (4.0 if cuda else 0.0) if args.disk_gib is None else args.disk_gib
     args.max_length = min(args.max_length, args.batch_tokens)
     work = Path(tempfile.mkdtemp(prefix="talon-extract-speed-"))
-    rows, gains = [], []
+    rows, gains, graph_gains = [], [], []
     disk = disk_write_bandwidth(work, args.disk_gib) if args.disk_gib > 0 else None
     if disk is not None:
         print(f"disk: {disk:,.0f} MB/s with fsync", file=sys.stderr)
     if not args.skip_smollm2:
         args.tokens = args.tokens or (2_000_000 if cuda else 2048)
         tokenizer, model = load_target("smollm2", device=device, dtype=dtype)
-        rows += bench_target("smollm2", tokenizer, model, device, dtype, args, work, gains)
+        rows += bench_target("smollm2", tokenizer, model, device, dtype, args, work, gains, graph_gains, disk)
         del model
     if not args.skip_8b and (cuda or args.layers_override):
         args.tokens = args.tokens_8b or (600_000 if cuda else 512)
         model = build_llama_8b(device, dtype, args.layers_override)
         label = "llama-8b-random" + (f" ({model.config.num_hidden_layers} layers)" if args.layers_override else "")
-        rows += bench_target(label, smollm2_tokenizer(), model, device, dtype, args, work, gains)
+        rows += bench_target(label, smollm2_tokenizer(), model, device, dtype, args, work, gains, graph_gains, disk)
     header = ["target", "dtype/teacher", "tokens", "tokenise tok/s", "backbone tok/s", "features tok/s",
               "run (with writing) tok/s", "run / features", "forward loop / features", "sustained / features",
-              "KiB/token", "MB/s written (run)", "MB/s written (sustained)", "real-token share of the run's batches"]
+              "KiB/token", "MB/s written (run)", "MB/s written (sustained)", "run MB/s / disk MB/s",
+              "sustained MB/s / disk MB/s", "real-token share of the run's batches"]
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     from stage_extract.run import writer_parallelism
 
     parallel = writer_parallelism(device)
     print(f"\n### Extraction speed on {name} ({dtype}), {args.batching} batches of {args.batch_tokens} tokens, "
+          f"CUDA graphs {args.cuda_graphs}, "
           f"{parallel['threads']} part-writer thread(s) + {parallel.get('encode_threads')} encoding, "
           f"aux compression {args.aux_compression}, torch {torch.__version__}\n")
     print(markdown_table(header, rows))
@@ -397,6 +429,9 @@ def main() -> None:
         print("\nPacked against padded forwards (features tok/s, same samples, parts and token budget):\n")
         print(markdown_table(["target", "dtype/teacher", "padded tok/s", "packed tok/s", "packed / padded",
                               "real-token share of the padded batches"], gains))
+    if graph_gains:
+        print("\nCUDA graphs against eager forwards (features tok/s, same batches):\n")
+        print(markdown_table(["target", "dtype/teacher", "eager tok/s", "graphs tok/s", "graphs / eager"], graph_gains))
     if disk is not None:
         print(f"\nDisk: {disk:,.0f} MB/s writing {args.disk_gib} GiB of incompressible bytes with fsync, in {work.parent}.")
     shutil.rmtree(work, ignore_errors=True)

@@ -59,6 +59,7 @@ def extract(
     tensor_parallel_size: Annotated[int, typer.Option(help="--backend vllm: GPUs to shard the target over (tensor parallel).")] = 1,
     tokenizer_workers: Annotated[Optional[int], typer.Option(help="Processes that render the chat template and tokenise ahead of the forwards (0: inline on the main thread). Worth it when the target is small enough that tokenising keeps up with its forward only on several cores (one process tokenises ~240k tokens/s; SmolLM2's forward takes ~370k/s on an H200). They take ~5-10 s to start, while the first chunks are tokenised inline. Default: one per 4 cores (of this worker's share under torchrun), up to 8, on a GPU host of 16+ cores, else 0. The cache is the same whatever the choice.")] = None,
     batching: Annotated[str, typer.Option(help="Layout of the target's forwards (HF backend): packed (each batch's samples concatenated in one row, positions restarting per sample, attention kept within each sample by a variable-length kernel: no padding), padded (length-sorted samples right-padded to the batch's longest), or auto (packed for a new cache; a resumed cache keeps the batching it was started with, so its numerics never mix).")] = "auto",
+    cuda_graphs: Annotated[str, typer.Option(help="Replay the target's packed forwards from CUDA graphs: one launch per batch instead of ~1,000 kernel launches, which is what bounds a small target such as SmolLM2 (its forward is faster than Python can queue it). Each batch is padded to the next eighth of --batch-tokens with pseudo-samples that attend only among themselves and are dropped; each new shape is captured once. auto: on for the hf backend's packed forwards on a GPU; on: the same, an error elsewhere; off: eager forwards. Graphs and eager forwards differ at most in the last bits of rounding, like any other kernel choice.")] = "auto",
     as_json: JsonFlag = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
 ) -> None:
@@ -73,6 +74,7 @@ def extract(
             shard_index=shard_index, num_shards=num_shards,
             backend=backend, vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size, tokenizer_workers=tokenizer_workers, batching=batching,
+            cuda_graphs=cuda_graphs,
         )
         from stage_extract.run import run_extract
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 DEVICES = ("auto", "cpu", "cuda")
+CUDA_GRAPHS = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,7 @@ class ExtractConfig:
     tensor_parallel_size: int = 1
     tokenizer_workers: int | None = None
     batching: str = "auto"
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         from schemas.layout import AUX_COMPRESSIONS, BATCHINGS, FEATURE_DTYPES, TEACHERS
@@ -69,6 +71,9 @@ class ExtractConfig:
         _require(self.teacher in TEACHERS, f"--teacher must be one of {', '.join(TEACHERS)}")
         _require(self.aux_compression in AUX_COMPRESSIONS, f"--aux-compression must be one of {', '.join(AUX_COMPRESSIONS)}")
         _require(self.batching in BATCHINGS, f"--batching must be one of {', '.join(BATCHINGS)}")
+        _require(self.cuda_graphs in CUDA_GRAPHS, f"--cuda-graphs must be one of {', '.join(CUDA_GRAPHS)}")
+        _require(self.cuda_graphs != "on" or (self.backend == "hf" and self.batching != "padded" and self.device != "cpu"),
+                 "--cuda-graphs on replays the hf backend's packed forwards on a GPU (not --backend vllm, --batching padded or --device cpu)")
         _require((self.shard_index is None) == (self.num_shards is None), "--shard-index and --num-shards go together")
         _require(self.num_shards is None or self.num_shards >= 1, "--num-shards must be positive")
         _require(

@@ -27,6 +27,7 @@ import torch
 
 from pipeline.batching import consecutive_batches, length_sorted_batches
 from schemas.layout import DEFAULT_BATCHING, check_feature_settings
+from stage_extract.cuda_graphs import GraphedPackedForward
 from stage_extract.features import BatchFeatures, extract_batch, extract_packed
 from stage_extract.packed_attention import PackedInputs, pack_samples
 
@@ -138,6 +139,9 @@ class HFBackend(_KeyedCompute):
     Queueing further ahead gains nothing for batches that run a second or more, and it fills
     CUDA's launch queue (~1,000 kernels, about one 8B forward): the launching thread then blocks
     inside kernel launches while holding the GIL, which starves the part writers' threads.
+
+    ``cuda_graphs`` (packed batches on CUDA): the forwards are replayed from CUDA graphs
+    (:mod:`stage_extract.cuda_graphs`), one launch per batch instead of one per kernel.
     """
 
     name = "hf"
@@ -154,10 +158,13 @@ class HFBackend(_KeyedCompute):
         teacher: str = "topk",
         head_chunk_tokens: int = 4096,
         batching: str = DEFAULT_BATCHING,
+        cuda_graphs: bool = False,
     ):
         check_feature_settings(feature_dtype, teacher)
         if batching not in ("packed", "padded"):
             raise ValueError(f"the hf backend batches packed or padded, not {batching!r}")
+        if cuda_graphs and (batching != "packed" or torch.device(device).type != "cuda"):
+            raise ValueError("CUDA graphs replay packed forwards on a CUDA device only")
         self.batching = batching
         self.model = model
         self.layer_ids = tuple(layer_ids)
@@ -168,6 +175,7 @@ class HFBackend(_KeyedCompute):
         self.teacher = teacher
         self.head_chunk_tokens = int(head_chunk_tokens)
         self._queued: torch.cuda.Event | None = None  # end of the last queued forward (CUDA)
+        self.graphed = GraphedPackedForward(self._packed_forward, budget=self.batch_tokens, device=self.device) if cuda_graphs else None
 
     def feature_batches(self, samples: Sequence[Sample]) -> Iterator[FeatureBatch]:
         check_unique_records(samples)
@@ -194,16 +202,27 @@ class HFBackend(_KeyedCompute):
         """The batches (indices into ``lengths``) the samples go through the target in."""
         return plan_batches(lengths, self.batch_tokens, self.batching)
 
+    def _common(self) -> dict:
+        return dict(layer_ids=self.layer_ids, top_k=self.top_k, feature_dtype=self.feature_dtype,
+                    teacher=self.teacher, head_chunk_tokens=self.head_chunk_tokens)
+
+    def _packed_forward(self, packed: PackedInputs) -> BatchFeatures:
+        return extract_packed(self.model, packed, **self._common())
+
     def extract_inputs(self, inputs) -> BatchFeatures:
-        """The features of one batch given as :func:`host_inputs` makes it (on the host or already
-        on the device)."""
-        common = dict(layer_ids=self.layer_ids, top_k=self.top_k, feature_dtype=self.feature_dtype,
-                      teacher=self.teacher, head_chunk_tokens=self.head_chunk_tokens)
+        """The features of one batch given as :func:`host_inputs` makes it (on the host; packed
+        inputs may also be on the device already when no graphs are used)."""
         if isinstance(inputs, PackedInputs):
-            return extract_packed(self.model, inputs.to(self.device), **common)
+            if self.graphed is not None:
+                return self.graphed(inputs)
+            return self._packed_forward(inputs.to(self.device))
         ids, mask, row_lengths = inputs
         return extract_batch(self.model, ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True),
-                             lengths=row_lengths, **common)
+                             lengths=row_lengths, **self._common())
+
+    def graph_stats(self) -> dict | None:
+        """Captures, replays and eager batches of the CUDA graphs (None without graphs)."""
+        return self.graphed.stats() if self.graphed is not None else None
 
     def close(self) -> None:
         pass
@@ -246,6 +265,7 @@ def open_backend(
     feature_dtype: str = "bf16",
     teacher: str = "topk",
     batching: str = DEFAULT_BATCHING,
+    cuda_graphs: bool = False,
     vllm_options=None,
 ) -> FeatureBackend:
     """Build the backend ``--backend`` names.  ``hf`` wraps the already loaded ``model``; ``vllm``
@@ -257,7 +277,7 @@ def open_backend(
             raise ValueError("the hf backend needs the loaded target model")
         return HFBackend(
             model, layer_ids=layer_ids, top_k=top_k, batch_tokens=batch_tokens, device=device,
-            feature_dtype=feature_dtype, teacher=teacher, batching=batching,
+            feature_dtype=feature_dtype, teacher=teacher, batching=batching, cuda_graphs=cuda_graphs,
         )
     if name == "vllm":
         if target_path is None:

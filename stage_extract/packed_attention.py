@@ -85,6 +85,8 @@ def _causal_per_sample(query, key, value, cu_seq_lens, scale):
     bounds = cu_seq_lens.tolist()
     gqa = key.shape[1] != query.shape[1]
     for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop == start:  # a zero-length sequence pads the boundaries to a static count
+            continue
         q, k, v = (t[start:stop].transpose(0, 1) for t in (query, key, value))
         out[start:stop] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa).transpose(0, 1)
     return out

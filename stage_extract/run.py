@@ -27,6 +27,7 @@ from schemas.layout import FINAL_HIDDEN_CONVENTION, SCHEMA_VERSION, TARGET_HEAD_
 from schemas.manifest import CacheManifest, ExtractSettings, ExtractSpec, read_manifest, read_sealed_parts
 from stage_extract.cache_dir import prepare_cache_dir, resumed_setting
 from stage_extract.backends import FeatureBackend, open_backend
+from stage_extract.cuda_graphs import use_cuda_graphs
 from stage_extract.features import default_aux_layers, validate_aux_layers
 from stage_extract.records import RecordStats, iter_chat_records
 from stage_extract.tokenize_ahead import tokenize_ahead
@@ -155,17 +156,20 @@ def extract_with_model(cfg: ExtractConfig, tokenizer, model, *, device: torch.de
     state = prepare_cache_dir(out, spec, shard)
     started = time.perf_counter()
     tokens_computed = 0
+    graph_stats = None
     if not state.complete:
         save_target_head(out, model, cfg.teacher)
         backend = open_backend(
             cfg.backend, model=model, target_path=resolve_target(cfg.target), layer_ids=layer_ids, top_k=cfg.top_k,
             batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, device=device,
             feature_dtype=cfg.feature_dtype, teacher=cfg.teacher, batching=cfg.batching,
+            cuda_graphs=use_cuda_graphs(cfg.cuda_graphs, device=device, batching=cfg.batching, backend=cfg.backend),
             vllm_options=vllm_options(cfg) if cfg.backend == "vllm" else None,
         )
         try:
             tokens_computed = _extract_shard(cfg, tokenizer, backend, int(model.config.vocab_size),
                                              int(model.config.hidden_size), shard, state)
+            graph_stats = getattr(backend, "graph_stats", lambda: None)()
         finally:
             backend.close()
     seconds = time.perf_counter() - started
@@ -174,6 +178,8 @@ def extract_with_model(cfg: ExtractConfig, tokenizer, model, *, device: torch.de
     except OSError as err:
         raise CacheWriteError(describe_write_error(err, out, "writing the manifest of")) from err
     summary = summarize(manifest, out, shard, state, seconds=seconds, tokens_computed=tokens_computed)
+    if graph_stats is not None:
+        summary["cuda_graphs"] = graph_stats
     return summary
 
 
