@@ -193,16 +193,15 @@ def phase_timers():
 
 
 @contextlib.contextmanager
-def main_thread_sampler(interval: float = 0.01, top: int = 18):
-    """Where the main thread is, sampled every ``interval`` seconds while the block runs; prints
-    the ``top`` places (innermost frame in the repository's own code, and the innermost frame)
-    with their share of the samples.  A place inside a call that holds the GIL, or waits for it,
-    shows up as long as it lasts, which is what the phase timers cannot see."""
+def thread_sampler(interval: float = 0.01, top: int = 12, threads: tuple[str, ...] = ("MainThread", "talon-prefetch")):
+    """Where the named threads are, sampled every ``interval`` seconds while the block runs;
+    prints, per thread, the ``top`` places (innermost frame in the repository's own code, and the
+    innermost frame) with their share of the samples.  A place inside a call that holds the GIL,
+    or waits for it, shows up as long as it lasts, which is what the phase timers cannot see."""
     import collections
 
     repo = str(Path(__file__).resolve().parents[1])
-    main_id = threading.main_thread().ident
-    counts: collections.Counter = collections.Counter()
+    counts: dict[str, collections.Counter] = {name: collections.Counter() for name in threads}
     stop = threading.Event()
 
     def own(filename: str) -> bool:
@@ -219,21 +218,24 @@ def main_thread_sampler(interval: float = 0.01, top: int = 18):
 
     def sample() -> None:
         while not stop.wait(interval):
-            frame = sys._current_frames().get(main_id)
-            if frame is not None:
-                counts[place(frame)] += 1
+            names = {thread.ident: thread.name for thread in threading.enumerate()}
+            for ident, frame in sys._current_frames().items():
+                name = names.get(ident)
+                if name in counts:
+                    counts[name][place(frame)] += 1
 
-    thread = threading.Thread(target=sample, name="main-thread-sampler", daemon=True)
+    thread = threading.Thread(target=sample, name="thread-sampler", daemon=True)
     thread.start()
     try:
         yield counts
     finally:
         stop.set()
         thread.join()
-        total = max(1, sum(counts.values()))
-        print(f"main thread, {total} samples every {interval * 1e3:.0f} ms:", file=sys.stderr)
-        for where, n in counts.most_common(top):
-            print(f"  {100 * n / total:5.1f}%  {where}", file=sys.stderr)
+        for name, counter in counts.items():
+            total = max(1, sum(counter.values()))
+            print(f"thread {name}, {total} samples every {interval * 1e3:.0f} ms:", file=sys.stderr)
+            for where, n in counter.most_common(top):
+                print(f"  {100 * n / total:5.1f}%  {where}", file=sys.stderr)
 
 
 def sustained_rate(seals: list[tuple[float, int]], warm_share: float = 0.25) -> float | None:
@@ -315,7 +317,7 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, g
                             tokenizer_workers=args.tokenizer_workers, cuda_graphs=args.cuda_graphs)
         sync(device)
         started = time.perf_counter()
-        sampler = main_thread_sampler() if args.sample_main_thread else contextlib.nullcontext()
+        sampler = thread_sampler() if args.sample_threads else contextlib.nullcontext()
         with phase_timers() as phases, sampler:
             summary = extract_with_model(cfg, tokenizer, model, device=device, dtype=dtype)
         sync(device)
@@ -370,8 +372,8 @@ def main() -> None:
     parser.add_argument("--no-compare-eager", dest="compare_eager", action="store_false",
                         help="skip timing the eager forwards beside the CUDA-graph ones")
     parser.add_argument("--tokenizer-workers", type=int, default=None, help="talon extract --tokenizer-workers")
-    parser.add_argument("--sample-main-thread", action="store_true",
-                        help="print where the run's main thread spends its time (stack samples every 10 ms)")
+    parser.add_argument("--sample-threads", action="store_true",
+                        help="print where the run's main thread and its tokenizer feeder spend their time (stack samples every 10 ms)")
     args = parser.parse_args()
     if args.writer_threads or args.encode_threads:
         import stage_extract.run

@@ -42,7 +42,7 @@ for item in $suite; do
         --no-compile-step --out "$out/train_speed_eager.json"
       step train_speed_reference_ce env CUDA_VISIBLE_DEVICES=0 python bench/train_speed.py $common --modes draft \
         --soft-ce reference --out "$out/train_speed_reference_ce.json" ;;
-    extract) step extract_speed env CUDA_VISIBLE_DEVICES=0 python bench/extract_speed.py --device cuda --sample-main-thread ;;
+    extract) step extract_speed env CUDA_VISIBLE_DEVICES=0 python bench/extract_speed.py --device cuda --sample-threads ;;
     reader) step reader_speed env CUDA_VISIBLE_DEVICES=0 python bench/reader_speed.py --device cuda ;;
     *) echo "unknown suite item: $item (tests, multi, train, extract, reader)" ;;
   esac

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.prefetch import prefetch
-from stage_extract.chat import TokenizedConversation, tokenize_conversation
+from stage_extract.chat import TokenizedConversation, tokenize_conversation, tokenize_conversations
 from stage_extract.records import ChatRecord, RecordStats
 
-__all__ = ["TokenizedRecord", "tokenize_ahead", "tokenize_record"]
+__all__ = ["TokenizedRecord", "tokenize_ahead", "tokenize_record", "tokenize_records"]
 
 CHUNK_RECORDS = 64  # records per task sent to a tokenizer process
 QUEUE_RECORDS = 4096  # records tokenised ahead of the consumer, at most
@@ -56,6 +56,17 @@ def tokenize_record(tokenizer: Any, record: ChatRecord, max_length: int) -> Toke
         raise ValueError(f"{record.source}: cannot tokenise this conversation: {type(err).__name__}: {err}") from err
 
 
+def tokenize_records(tokenizer: Any, records: list[ChatRecord], max_length: int) -> Iterator[TokenizedConversation | None]:
+    """:func:`tokenize_record` of each record, in order: all at once (one encoding call for the
+    lot, see :func:`tokenize_conversations`), or, if that fails, record by record, so that the
+    records before a bad one come out and the error names it."""
+    try:
+        batch = tokenize_conversations(tokenizer, [record.messages for record in records], max_length=max_length)
+    except Exception:  # noqa: BLE001 - found again, with its record, below
+        return (tokenize_record(tokenizer, record, max_length) for record in records)
+    return iter(batch)
+
+
 _worker_tokenizer: Any = None
 
 
@@ -74,7 +85,7 @@ def _worker_ready() -> bool:
 
 
 def _tokenize_chunk(records: list[ChatRecord], max_length: int) -> list[TokenizedConversation | None]:
-    return [tokenize_record(_worker_tokenizer, record, max_length) for record in records]
+    return list(tokenize_records(_worker_tokenizer, records, max_length))
 
 
 def tokenize_ahead(
@@ -173,7 +184,7 @@ def _tokenized_by_pool(records, stats, tokenizer, wanted, max_length: int, worke
             chunk = []
 
     def here(items: list[TokenizedRecord]) -> Iterator[TokenizedConversation | None]:
-        return (tokenize_record(tokenizer, item.record, max_length) for item in items if item.wanted)
+        return tokenize_records(tokenizer, [item.record for item in items if item.wanted], max_length)
 
     def oldest() -> Iterator[TokenizedRecord]:
         items, future = in_flight.popleft()
@@ -183,7 +194,7 @@ def _tokenized_by_pool(records, stats, tokenizer, wanted, max_length: int, worke
             else:
                 tokens = iter(future.result() if future is not None else ())
         except Exception:
-            # Redo the chunk here, record by record: the records before the bad one are delivered
+            # Redo the chunk here (record by record once it fails again): the records before the bad one are delivered
             # (their part may complete and be sealed, as inline) and the error comes at its record.
             tokens = here(items)
         for item in items:

@@ -88,14 +88,14 @@ def test_chunks_sent_before_the_processes_start_are_tokenised_in_order_here(toke
     monkeypatch.setattr(_PoolReadyAfterThreeChunks, "inline_chunks", set())
     path = _chats(tmp_path / "chats.jsonl", 150)
     inline, final = _run(path, tokenizer, 0)
-    counted = ahead.tokenize_record
+    counted = ahead.tokenize_records
 
-    def tokenize_record(tok, record, max_length):  # the inline path: the pool's tasks use _tokenize_chunk
-        _PoolReadyAfterThreeChunks.inline_chunks.add(record.record_index // 10)
-        return counted(tok, record, max_length)
+    def tokenize_records(tok, records, max_length):  # the inline path: the pool's tasks use _tokenize_chunk
+        _PoolReadyAfterThreeChunks.inline_chunks.update(record.record_index // 10 for record in records)
+        return counted(tok, records, max_length)
 
-    monkeypatch.setattr(ahead, "tokenize_record", tokenize_record)
-    monkeypatch.setattr(ahead, "_tokenize_chunk", lambda records, n: [counted(ahead._worker_tokenizer, r, n) for r in records])
+    monkeypatch.setattr(ahead, "tokenize_records", tokenize_records)
+    monkeypatch.setattr(ahead, "_tokenize_chunk", lambda records, n: list(counted(ahead._worker_tokenizer, records, n)))
     assert _run(path, tokenizer, 2) == (inline, final)
     # Chunks sent while the pool was not up were queued for this thread; from the first one sent
     # after it came up, the pool ran every chunk, in order.  With 2 processes, 5 chunks are in
