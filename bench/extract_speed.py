@@ -371,7 +371,7 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"), help="talon extract --cuda-graphs")
     parser.add_argument("--no-compare-eager", dest="compare_eager", action="store_false",
                         help="skip timing the eager forwards beside the CUDA-graph ones")
-    parser.add_argument("--tokenizer-workers", type=int, default=None, help="talon extract --tokenizer-workers")
+    parser.add_argument("--tokenizer-workers", type=int, default=0, help="talon extract --tokenizer-workers")
     parser.add_argument("--sample-threads", action="store_true",
                         help="print where the run's main thread and its tokenizer feeder spend their time (stack samples every 10 ms)")
     args = parser.parse_args()

@@ -1,12 +1,13 @@
 """How fast chat records are tokenised ahead of the forwards, with no model and no writers.
 
 The same synthetic chats as ``extract_speed.py``, through :func:`stage_extract.tokenize_ahead
-.tokenize_ahead` inline (``--workers 0``) and with tokenizer processes.  Per setting: the whole
+.tokenize_ahead` inline (record by record in the consuming thread, as on CPU), in a background
+thread (chunks, as on a GPU by default) and with tokenizer processes.  Per setting: the whole
 run's tokens/s (process start-up included) and the steady rate after the first quarter of the
 tokens, which a long extraction runs at.  A small target's packed forward needs ~370k tokens/s on
 an H200; this says whether the tokenizer can feed it.
 
-    python bench/tokenize_speed.py --tokens 2000000 --workers 0,2,4,8
+    python bench/tokenize_speed.py --tokens 2000000 --modes inline,thread,4,8
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import markdown_table, smollm2_tokenizer, synthetic_chats  # noqa: E402
 
 
-def measure(data: Path, tokenizer, workers: int, max_length: int) -> tuple[int, float, float, float | None]:
+def measure(data: Path, tokenizer, mode: str, max_length: int) -> tuple[int, float, float, float | None]:
     """(tokens, whole-run tok/s, steady tok/s after the first quarter of the tokens, seconds until
     the tokenizer processes were up or None)."""
     import stage_extract.tokenize_ahead as ahead
@@ -42,8 +43,9 @@ def measure(data: Path, tokenizer, workers: int, max_length: int) -> tuple[int, 
     ahead._BackgroundPool._start = start
     marks = []  # (clock, tokens so far)
     tokens = 0
+    workers = 0 if mode in ("inline", "thread") else int(mode)
     for item in tokenize_ahead(iter_chat_records(str(data), stats=stats), stats, tokenizer, max_length=max_length,
-                               workers=workers):
+                               workers=workers, background=mode != "inline"):
         if item.tokens is not None:
             tokens += len(item.tokens.input_ids)
             marks.append((time.perf_counter(), tokens))
@@ -56,7 +58,8 @@ def measure(data: Path, tokenizer, workers: int, max_length: int) -> tuple[int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1_000_000, help="tokens of synthetic chat")
-    parser.add_argument("--workers", default="0,2,4,8", help="comma-separated tokenizer process counts (0: inline)")
+    parser.add_argument("--modes", default="inline,thread,4,8",
+                        help="comma-separated: inline, thread, or a number of tokenizer processes")
     parser.add_argument("--max-length", type=int, default=2048)
     args = parser.parse_args()
     import os
@@ -65,12 +68,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="talon-tokenize-speed-"))
     data = synthetic_chats(work / "chats.jsonl", max(8, args.tokens // 350), seed=1)
     rows = []
-    for workers in (int(w) for w in args.workers.split(",")):
-        tokens, whole, steady, up = measure(data, tokenizer, workers, args.max_length)
-        rows.append([workers, tokens, f"{whole:,.0f}", f"{steady:,.0f}", f"{up:.1f}" if up is not None else "n/a"])
+    for mode in args.modes.split(","):
+        tokens, whole, steady, up = measure(data, tokenizer, mode, args.max_length)
+        rows.append([mode, tokens, f"{whole:,.0f}", f"{steady:,.0f}", f"{up:.1f}" if up is not None else "n/a"])
         print(" | ".join(str(v) for v in rows[-1]), file=sys.stderr)
     print(f"\n### Tokenising ahead ({os.cpu_count()} cores)\n")
-    print(markdown_table(["tokenizer processes", "tokens", "whole run tok/s", "steady tok/s (after the first quarter)",
+    print(markdown_table(["mode", "tokens", "whole run tok/s", "steady tok/s (after the first quarter)",
                                 "seconds until the processes were up"], rows))
 
 

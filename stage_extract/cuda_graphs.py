@@ -133,7 +133,9 @@ class CudaGraphRecorder:
     def record(self, fn: Callable[[], None]) -> Callable[[], None]:
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: the part writers' threads keep synchronising on their copies' events
+            # during a capture (global mode would fail their calls, and the capture)
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 fn()
         except RuntimeError:
             torch.cuda.synchronize(self.device)

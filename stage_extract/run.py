@@ -94,19 +94,6 @@ def writer_parallelism(device: torch.device) -> dict[str, int]:
     return {"threads": min(3, max(1, cores // 4)), "max_pending": 2, "encode_threads": max(1, min(8, cores - 3))}
 
 
-def tokenizer_workers(cfg: ExtractConfig, device: torch.device) -> int:
-    """``--tokenizer-workers``, else tokenizer processes on a GPU host of 16 or more cores (one
-    per 4 cores, up to 8) and none elsewhere (on CPU the cores run the target).  A process
-    tokenises ~240k tokens/s of chat on an H200 host, while SmolLM2's packed forward runs at
-    ~370k: two processes were not enough there (the forwards waited on them half the time)."""
-    if cfg.tokenizer_workers is not None:
-        return cfg.tokenizer_workers
-    cores = cores_per_worker()
-    if device.type != "cuda" or cores < 16:
-        return 0
-    return min(8, cores // 4)
-
-
 def _local_device(device: torch.device) -> torch.device:
     """Under torchrun, each worker takes the GPU of its LOCAL_RANK."""
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -223,7 +210,8 @@ def _extract_shard(cfg: ExtractConfig, tokenizer, backend: FeatureBackend, vocab
     try:
         records = iter_chat_records(cfg.data, skip_bad_records=cfg.skip_bad_records, stats=stats, limit=cfg.max_samples)
         for item in tokenize_ahead(records, stats, tokenizer, max_length=cfg.max_length, wanted=wanted,
-                                   workers=tokenizer_workers(cfg, backend.device)):
+                                   workers=cfg.tokenizer_workers,
+                                   background=backend.device.type == "cuda"):
             record, tokens, source_stats = item.record, item.tokens, item.stats
             bar.update(1)
             if not item.wanted:

@@ -1,14 +1,14 @@
-"""Tokenising chat records ahead of the target's forwards, in other processes.
+"""Tokenising chat records ahead of the target's forwards.
 
-Rendering a chat template is Python work (~200-300k tokens/s on one core), about a small
-target's forward rate: done inline, the main thread alternates between tokenising a part's
-records and queueing its forwards.  With ``workers >= 1``, :func:`tokenize_ahead` has a producer
-thread read the records and hand chunks of them to a pool of tokenizer processes,
-and yields them in order with their tokens, behind a bounded queue.  The output is the same as
-inline (``workers=0``): only where the work runs changes.  (A tokenizer thread instead of
-processes measured slower than inline: the template rendering holds the GIL.)  The processes
-take several seconds to start (each imports transformers); until the first one is up, the
-producer thread tokenises the chunks itself, so the forwards never wait for the pool to start.
+Rendering a chat template and encoding it cost ~250k tokens/s of one core, about a small
+target's forward rate, so on a GPU :func:`tokenize_ahead` runs them off the main thread: a
+producer thread reads the records and tokenises them in chunks, one fast-tokenizer call encoding a
+whole chunk (the tokenizer spreads it over the cores, outside the GIL; the rendering stays
+Python), behind a bounded queue.  Optionally the chunks go to tokenizer processes instead; those
+take seconds to start (6-14 s measured on an H200 host, each imports transformers), and until one
+is up the producer thread tokenises the chunks itself.  Inline (no thread, no process, record by
+record) is what CPU extraction uses, where the cores run the target.  The output is the same in
+every mode: only where the work runs changes.
 
 Records that ``wanted`` refuses (already sealed, another worker's) pass through untokenised.
 Every item carries a snapshot of the reader's :class:`RecordStats` after its record, so that a
@@ -96,20 +96,21 @@ def tokenize_ahead(
     max_length: int,
     wanted: Callable[[ChatRecord], bool] = lambda record: True,
     workers: int = 0,
+    background: bool = False,
 ) -> Iterator[TokenizedRecord]:
     """The records of ``records`` (which fills ``stats``) in order, tokenised.
 
-    ``workers``: 0 tokenises inline (no thread, no process), N >= 1 in N processes fed
-    by a producer thread (:func:`pipeline.prefetch.prefetch`)."""
+    ``background``: in chunks by a producer thread (:func:`pipeline.prefetch.prefetch`);
+    ``workers`` N >= 1: by N processes that thread feeds; neither: inline, record by record."""
     if workers < 0:
         raise ValueError(f"tokenizer workers must be >= 0, got {workers}")
-    if workers == 0:
+    if workers == 0 and not background:
         for record in records:
             keep = wanted(record)
             tokens = tokenize_record(tokenizer, record, max_length) if keep else None
             yield TokenizedRecord(record, keep, tokens, stats.as_dict())
         return
-    yield from prefetch(_tokenized_by_pool(records, stats, tokenizer, wanted, max_length, workers), depth=QUEUE_RECORDS)
+    yield from prefetch(_tokenized_in_chunks(records, stats, tokenizer, wanted, max_length, workers), depth=QUEUE_RECORDS)
 
 
 def _process_context():
@@ -156,18 +157,21 @@ class _BackgroundPool:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _tokenized_by_pool(records, stats, tokenizer, wanted, max_length: int, workers: int) -> Iterator[TokenizedRecord]:
-    """Chunks of wanted records go to a pool of ``workers`` processes; the items come back in
-    record order as chunks finish.  Until a process is up, chunks are tokenised here instead
-    (in order, when their turn comes).  Closing the generator shuts the pool down."""
-    # The processes get the tokenizer as a saved folder, not as a pickle (MBs): a process reads
-    # its start arguments only once it runs, and the writer of a pipe that size waits for it.
-    folder = tempfile.TemporaryDirectory(prefix="talon-tokenizer-")
-    source = tokenizer  # a stand-in without save_pretrained (tests) goes as a pickle
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(folder.name)
-        source = folder.name
-    starting = _BackgroundPool(workers, source)
+def _tokenized_in_chunks(records, stats, tokenizer, wanted, max_length: int, workers: int) -> Iterator[TokenizedRecord]:
+    """Chunks of wanted records are tokenised here, or with ``workers`` >= 1 go to a pool of
+    that many processes; the items come back in record order.  Until a process is up, chunks
+    are tokenised here instead (in order, when their turn comes).  Closing the generator shuts
+    the pool down."""
+    folder = starting = None
+    if workers:
+        # The processes get the tokenizer as a saved folder, not as a pickle (MBs): a process reads
+        # its start arguments only once it runs, and the writer of a pipe that size waits for it.
+        folder = tempfile.TemporaryDirectory(prefix="talon-tokenizer-")
+        source = tokenizer  # a stand-in without save_pretrained (tests) goes as a pickle
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(folder.name)
+            source = folder.name
+        starting = _BackgroundPool(workers, source)
     in_flight: deque = deque()  # (items of the chunk, future of their wanted records' tokens, or INLINE)
     chunk: list[TokenizedRecord] = []
 
@@ -177,7 +181,7 @@ def _tokenized_by_pool(records, stats, tokenizer, wanted, max_length: int, worke
             todo = [item.record for item in chunk if item.wanted]
             if not todo:
                 in_flight.append((chunk, None))
-            elif starting.ready():
+            elif starting is not None and starting.ready():
                 in_flight.append((chunk, starting.pool.submit(_tokenize_chunk, todo, max_length)))
             else:
                 in_flight.append((chunk, _INLINE))
@@ -224,5 +228,6 @@ def _tokenized_by_pool(records, stats, tokenizer, wanted, max_length: int, worke
         if failure is not None:
             raise failure
     finally:
-        starting.shutdown()
-        folder.cleanup()
+        if starting is not None:
+            starting.shutdown()
+            folder.cleanup()

@@ -1,6 +1,6 @@
-"""Tokenising ahead of the forwards in spawned processes: the same records, tokens
-and reader counts in the same order as inline, errors at the record where they happen, and the
-same cache bytes from a whole extraction."""
+"""Tokenising ahead of the forwards, in a background thread (in chunks) or in tokenizer
+processes: the same records, tokens and reader counts in the same order as inline, errors at the
+record where they happen, and the same cache bytes from a whole extraction."""
 
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ def _chats(path, n: int, bad_line: int | None = None):
     return path
 
 
-def _run(path, tokenizer, workers: int, **kwargs):
+def _run(path, tokenizer, workers: int, background: bool = True, **kwargs):
     stats = RecordStats()
     records = iter_chat_records(str(path), stats=stats, **kwargs)
     out = []
-    for item in tokenize_ahead(records, stats, tokenizer, max_length=96, workers=workers,
+    for item in tokenize_ahead(records, stats, tokenizer, max_length=96, workers=workers, background=background,
                                wanted=lambda record: record.record_index % 3 != 1):
         tokens = None if item.tokens is None else (item.tokens.input_ids.tolist(), item.tokens.loss_mask.tolist())
         out.append((item.record.record_index, item.wanted, tokens, item.stats))
@@ -87,7 +87,7 @@ def test_chunks_sent_before_the_processes_start_are_tokenised_in_order_here(toke
     monkeypatch.setattr(ahead, "_BackgroundPool", _PoolReadyAfterThreeChunks)
     monkeypatch.setattr(_PoolReadyAfterThreeChunks, "inline_chunks", set())
     path = _chats(tmp_path / "chats.jsonl", 150)
-    inline, final = _run(path, tokenizer, 0)
+    inline, final = _run(path, tokenizer, 0, background=False)
     counted = ahead.tokenize_records
 
     def tokenize_records(tok, records, max_length):  # the inline path: the pool's tasks use _tokenize_chunk
@@ -128,28 +128,29 @@ def test_background_pool_starts_processes_or_says_why_not(tokenizer, tmp_path):
     assert not broken.ready()
 
 
-def test_tokenizer_processes_give_the_inline_stream(tokenizer, tmp_path, monkeypatch):
+def test_a_thread_or_processes_give_the_inline_stream(tokenizer, tmp_path, monkeypatch):
     import stage_extract.tokenize_ahead as ahead
 
     monkeypatch.setattr(ahead, "CHUNK_RECORDS", 7)  # several chunks in flight, a short last one
     path = _chats(tmp_path / "chats.jsonl", 150)
-    inline, final = _run(path, tokenizer, 0)
+    inline, final = _run(path, tokenizer, 0, background=False)
     assert len(inline) == 150
     assert sum(1 for _, wanted, _, _ in inline if not wanted) == 50  # passed through untokenised
     assert any(wanted and tokens is None for _, wanted, tokens, _ in inline)  # no assistant token left
     assert any(tokens is not None for _, _, tokens, _ in inline)
     assert [stats["records_read"] for *_, stats in inline] == list(range(1, 151))  # counts after each record
+    assert _run(path, tokenizer, 0) == (inline, final)  # a thread, in chunks (one encoding call each)
     assert _run(path, tokenizer, 2) == (inline, final)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_a_bad_record_fails_after_every_record_before_it(tokenizer, tmp_path, workers):
+@pytest.mark.parametrize("workers, background", [(0, False), (0, True), (1, True)])
+def test_a_bad_record_fails_after_every_record_before_it(tokenizer, tmp_path, workers, background):
     path = _chats(tmp_path / "chats.jsonl", 40, bad_line=30)
     seen = []
     stats = RecordStats()
     with pytest.raises(DataError, match=r"chats\.jsonl:30"):
         for item in tokenize_ahead(iter_chat_records(str(path), stats=stats), stats, tokenizer, max_length=96,
-                                   workers=workers):
+                                   workers=workers, background=background):
             seen.append(item.record.record_index)
     assert seen == list(range(29))
 
@@ -172,14 +173,14 @@ class _FailsOnRecord7:
         return [1, 2, 3]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_tokenizer_failure_names_the_record(tmp_path, workers):
+@pytest.mark.parametrize("workers, background", [(0, False), (0, True), (2, True)])
+def test_a_tokenizer_failure_names_the_record(tmp_path, workers, background):
     path = _chats(tmp_path / "chats.jsonl", 20)
     stats = RecordStats()
     seen = []
     with pytest.raises(ValueError, match=r"chats\.jsonl:8: cannot tokenise this conversation: KeyError"):
         for item in tokenize_ahead(iter_chat_records(str(path), stats=stats), stats, _FailsOnRecord7(), max_length=96,
-                                   workers=workers):
+                                   workers=workers, background=background):
             seen.append(item.record.record_index)
     assert seen == list(range(7))
 
