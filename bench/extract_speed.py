@@ -327,7 +327,10 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, g
         # target while it runs, apart from the drain of the last parts, which a long extraction
         # amortises and a short benchmark does not.
         loop = summary["tokens"] / max(phases.pop("last_submit_at") - started, 1e-9)
-        sustained = sustained_rate(phases.pop("seals"))
+        seals = phases.pop("seals")
+        sustained = sustained_rate(seals)
+        print(f"{name} {setting}: first seals at " + ", ".join(f"{clock - started:.2f}" for clock, _ in seals[:6])
+              + f" s; the last at {seals[-1][0] - started:.2f} s" if seals else "no seals", file=sys.stderr)
         print(f"{name} {setting}: run {seconds:.2f} s, forward loop {summary['tokens'] / loop:.2f} s; summed phase "
               "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
               + f"; CUDA graphs: {summary.get('cuda_graphs')}", file=sys.stderr)

@@ -18,6 +18,7 @@ module only imports vLLM when an engine starts.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -141,7 +142,9 @@ class HFBackend(_KeyedCompute):
     inside kernel launches while holding the GIL, which starves the part writers' threads.
 
     ``cuda_graphs`` (packed batches on CUDA): the forwards are replayed from CUDA graphs
-    (:mod:`stage_extract.cuda_graphs`), one launch per batch instead of one per kernel.
+    (:mod:`stage_extract.cuda_graphs`), one launch per batch instead of one per kernel.  A
+    replay is one launch, so the next one is queued before the previous forward ends (two in
+    flight), and the GPU does not idle while the main thread hands a batch over.
     """
 
     name = "hf"
@@ -174,8 +177,9 @@ class HFBackend(_KeyedCompute):
         self.feature_dtype = feature_dtype
         self.teacher = teacher
         self.head_chunk_tokens = int(head_chunk_tokens)
-        self._queued: torch.cuda.Event | None = None  # end of the last queued forward (CUDA)
         self.graphed = GraphedPackedForward(self._packed_forward, budget=self.batch_tokens, device=self.device) if cuda_graphs else None
+        self._in_flight: deque[torch.cuda.Event] = deque()  # ends of the queued forwards (CUDA)
+        self._depth = 2 if cuda_graphs else 1  # forwards queued at once
 
     def feature_batches(self, samples: Sequence[Sample]) -> Iterator[FeatureBatch]:
         check_unique_records(samples)
@@ -184,13 +188,18 @@ class HFBackend(_KeyedCompute):
         lengths = np.array([len(ids) for _, ids in samples])
         for batch in self.plan(lengths):
             row_lengths = [int(lengths[s]) for s in batch]
-            inputs = host_inputs([samples[s][1] for s in batch], self.batching, pin=self.device.type == "cuda")
-            if self._queued is not None:  # GIL-free wait, see the class docstring
-                self._queued.synchronize()
-            features = self.extract_inputs(inputs)
+            token_ids = [samples[s][1] for s in batch]
+            if self.graphed is not None:  # padded to its static shape in pinned memory
+                prepared = self.graphed.prepare(host_inputs(token_ids, self.batching))
+            else:
+                inputs = host_inputs(token_ids, self.batching, pin=self.device.type == "cuda")
+            while len(self._in_flight) >= self._depth:  # GIL-free wait, see the class docstring
+                self._in_flight.popleft().synchronize()
+            features = self.graphed.run(prepared) if self.graphed is not None else self.extract_inputs(inputs)
             if self.device.type == "cuda":
-                self._queued = torch.cuda.Event(blocking=True)
-                self._queued.record(torch.cuda.current_stream(self.device))
+                event = torch.cuda.Event(blocking=True)
+                event.record(torch.cuda.current_stream(self.device))
+                self._in_flight.append(event)
             yield FeatureBatch(
                 positions=[int(s) for s in batch],
                 record_indices=[int(samples[s][0]) for s in batch],

@@ -32,6 +32,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -87,10 +88,11 @@ def static_shape(lengths: Sequence[int], budget: int) -> StaticShape | None:
     return StaticShape(tokens, sequences, max_length)
 
 
-def pad_to_shape(packed: PackedInputs, shape: StaticShape) -> PackedInputs:
+def pad_to_shape(packed: PackedInputs, shape: StaticShape, *, pin: bool = False) -> PackedInputs:
     """``packed`` (on the host) padded to ``shape``: pseudo-samples of at most
     ``shape.max_length`` tokens fill the row, zero-length sequences fill the boundaries.
-    ``lengths`` lists every non-empty sequence, the real samples first."""
+    ``lengths`` lists every non-empty sequence, the real samples first.  ``pin``: in pinned
+    memory, for non-blocking uploads."""
     real = int(packed.cu_seq_lens[-1])
     pad = shape.tokens - real
     if pad < 0 or max(packed.lengths) > shape.max_length:
@@ -99,50 +101,26 @@ def pad_to_shape(packed: PackedInputs, shape: StaticShape) -> PackedInputs:
     lengths = list(packed.lengths) + pseudo
     if len(lengths) > shape.sequences:
         raise ValueError(f"{len(lengths)} sequences do not fit {shape}")
-    ids = np.zeros(shape.tokens, dtype=np.int64)
-    ids[:real] = packed.input_ids[0].numpy()
-    positions = np.zeros(shape.tokens, dtype=np.int64)
-    positions[:real] = packed.position_ids[0].numpy()
+    ids = torch.empty((1, shape.tokens), dtype=torch.long, pin_memory=pin)
+    positions = torch.empty((1, shape.tokens), dtype=torch.long, pin_memory=pin)
+    cu = torch.empty(shape.sequences + 1, dtype=torch.int32, pin_memory=pin)
+    ids_np, positions_np, cu_np = ids.numpy()[0], positions.numpy()[0], cu.numpy()
+    ids_np[:real] = packed.input_ids[0].numpy()
+    ids_np[real:] = 0
+    positions_np[:real] = packed.position_ids[0].numpy()
     offset = real
     for n in pseudo:
-        positions[offset : offset + n] = np.arange(n)
+        positions_np[offset : offset + n] = np.arange(n)
         offset += n
-    cu = np.full(shape.sequences + 1, shape.tokens, dtype=np.int32)
-    cu[: len(lengths) + 1] = np.cumsum([0] + lengths)
-    return PackedInputs(
-        torch.from_numpy(ids)[None], torch.from_numpy(positions)[None], torch.from_numpy(cu), shape.max_length, lengths
-    )
+    cu_np[:] = shape.tokens
+    cu_np[: len(lengths) + 1] = np.cumsum([0] + lengths)
+    return PackedInputs(ids, positions, cu, shape.max_length, lengths)
 
 
-class CudaGraphRecorder:
-    """Records a function as a CUDA graph (all graphs share one memory pool) and warms kernels up
-    eagerly on a side stream first, as capture requires."""
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self._pool = None
-
-    def warm_up(self, fn: Callable[[], BatchFeatures]) -> BatchFeatures:
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            result = fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        return result
-
-    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # thread_local: the part writers' threads keep synchronising on their copies' events
-            # during a capture (global mode would fail their calls, and the capture)
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                fn()
-        except RuntimeError:
-            torch.cuda.synchronize(self.device)
-            raise
-        if self._pool is None:
-            self._pool = graph.pool()
-        return graph.replay
+class PreparedRow(NamedTuple):
+    packed: PackedInputs  # as given (an eager forward runs it)
+    shape: StaticShape | None  # None: eager
+    padded: PackedInputs | None
 
 
 @dataclass
@@ -176,14 +154,18 @@ class GraphedPackedForward:
         self._positions = torch.zeros((1, self.budget), dtype=torch.long, device=self.device)
         self._outputs: dict[str, torch.Tensor] = {}  # plane -> [budget, ...] buffer the graphs copy into
 
-    def __call__(self, packed: PackedInputs) -> BatchFeatures:
+    def prepare(self, packed: PackedInputs) -> "PreparedRow":
+        """The host-side work for a row (its shape and pinned padded inputs), which needs no
+        GPU: done while the previous forward still runs."""
         shape = static_shape(packed.lengths, self.budget) if self.disabled_because is None else None
+        padded = pad_to_shape(packed, shape, pin=self.device.type == "cuda") if shape is not None else None
+        return PreparedRow(packed, shape, padded)
+
+    def run(self, prepared: "PreparedRow") -> BatchFeatures:
+        """Queue the row's forward (a replay, a capture then a replay, or eagerly)."""
+        packed, shape, padded = prepared
         entry = None
-        if shape is not None:
-            padded = pad_to_shape(packed, shape)
-            if self.device.type == "cuda":
-                padded = PackedInputs(padded.input_ids.pin_memory(), padded.position_ids.pin_memory(),
-                                      padded.cu_seq_lens.pin_memory(), padded.max_length, padded.lengths)
+        if shape is not None and self.disabled_because is None:
             entry = self.graphs.get(shape) or self._capture(shape, padded)
         if entry is None:
             self.eager += 1
@@ -193,6 +175,9 @@ class GraphedPackedForward:
         entry.replay()
         self.replays += 1
         return self._real_rows(sum(packed.lengths), packed.lengths)
+
+    def __call__(self, packed: PackedInputs) -> BatchFeatures:
+        return self.run(self.prepare(packed))
 
     def _upload(self, padded: PackedInputs, entry: _Graph) -> None:
         tokens = padded.input_ids.shape[1]
