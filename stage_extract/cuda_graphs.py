@@ -117,6 +117,37 @@ def pad_to_shape(packed: PackedInputs, shape: StaticShape, *, pin: bool = False)
     return PackedInputs(ids, positions, cu, shape.max_length, lengths)
 
 
+class CudaGraphRecorder:
+    """Records a function as a CUDA graph (all graphs share one memory pool) and warms kernels up
+    eagerly on a side stream first, as capture requires."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self._pool = None
+
+    def warm_up(self, fn: Callable[[], BatchFeatures]) -> BatchFeatures:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            result = fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return result
+
+    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the part writers' threads keep synchronising on their copies' events
+            # during a capture (global mode would fail their calls, and the capture)
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                fn()
+        except RuntimeError:
+            torch.cuda.synchronize(self.device)
+            raise
+        if self._pool is None:
+            self._pool = graph.pool()
+        return graph.replay
+
+
 class PreparedRow(NamedTuple):
     packed: PackedInputs  # as given (an eager forward runs it)
     shape: StaticShape | None  # None: eager

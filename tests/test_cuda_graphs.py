@@ -39,8 +39,8 @@ def assert_same_features(got, want) -> None:
     assert got.lengths == want.lengths and got.tensors().keys() == want.tensors().keys()
     for name, tensor in want.tensors().items():
         other = got.tensors()[name]
-        if tensor.is_floating_point():  # bf16 planes may round a last bit the other way
-            torch.testing.assert_close(other.double(), tensor.double(), rtol=2 ** -8, atol=1e-6)
+        if tensor.is_floating_point():  # bf16 planes may round a last bit (up to 2^-7) the other way
+            torch.testing.assert_close(other.double(), tensor.double(), rtol=2 ** -7, atol=1e-5)
         else:
             assert torch.equal(other, tensor), name
 
@@ -105,10 +105,9 @@ def test_the_padding_leaves_the_real_tokens_their_own_features(gqa_model):
     alone = extract_packed(gqa_model, packed, **KWARGS)
     padded = extract_packed(gqa_model, pad_to_shape(packed, shape), **KWARGS)
     assert padded.aux_hidden.shape[0] == 160
-    torch.testing.assert_close(padded.topk_logprobs[:137], alone.topk_logprobs, rtol=0, atol=1e-6)
-    assert torch.equal(padded.topk_ids[:137], alone.topk_ids)
-    torch.testing.assert_close(padded.final_hidden[:137].double(), alone.final_hidden.double(), rtol=2 ** -8, atol=1e-6)
-    torch.testing.assert_close(padded.aux_hidden[:137].double(), alone.aux_hidden.double(), rtol=2 ** -8, atol=1e-6)
+    assert padded.lengths[:3] == alone.lengths
+    real = type(alone)(**{name: getattr(padded, name)[:137] for name in alone.tensors()}, lengths=alone.lengths)
+    assert_same_features(real, alone)
 
 
 def _batches(rng):
@@ -143,6 +142,13 @@ def test_a_failed_capture_warns_once_and_runs_eagerly(gqa_model):
     assert graphed.disabled_because == "RuntimeError: operation not permitted when stream is capturing"
     for row, got in zip(rows, [first, *rest]):
         assert_same_features(got, forward(pack_samples(row)))
+
+
+def test_real_graphs_are_recorded_by_default(gqa_model):
+    from stage_extract.cuda_graphs import CudaGraphRecorder
+
+    graphed = GraphedPackedForward(lambda packed: None, budget=64, device=torch.device("cpu"))
+    assert isinstance(graphed.recorder, CudaGraphRecorder)
 
 
 def test_when_graphs_apply():
