@@ -288,7 +288,8 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, g
     layer_ids = aux_layers_for(int(model.config.num_hidden_layers))
     lengths = np.array([len(s) for s in samples])
     padded_efficiency = padding_efficiency(lengths, run_batches(lengths, args.batch_tokens, args.part_tokens, "padded"))
-    graphs = use_cuda_graphs(args.cuda_graphs, device=device, batching=args.batching)
+    graphs = use_cuda_graphs(args.cuda_graphs, device=device, batching=args.batching,
+                             parameters=sum(p.numel() for p in model.parameters()))
     rows = []
     for number, setting in enumerate(args.settings.split(",")):
         feature_dtype, teacher = setting.split("/")

@@ -153,7 +153,9 @@ def test_real_graphs_are_recorded_by_default(gqa_model):
 
 def test_when_graphs_apply():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert use_cuda_graphs("auto", device=cuda, batching="packed")
+    assert use_cuda_graphs("auto", device=cuda, batching="packed", parameters=135_000_000)  # SmolLM2
+    assert not use_cuda_graphs("auto", device=cuda, batching="packed", parameters=8_000_000_000)  # compute-bound
+    assert use_cuda_graphs("on", device=cuda, batching="packed", parameters=8_000_000_000)
     assert not use_cuda_graphs("auto", device=cpu, batching="packed")
     assert not use_cuda_graphs("auto", device=cuda, batching="padded")
     assert not use_cuda_graphs("auto", device=cuda, batching="packed", backend="vllm")
