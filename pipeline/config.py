@@ -73,7 +73,9 @@ class ExtractConfig:
         _require(self.batching in BATCHINGS, f"--batching must be one of {', '.join(BATCHINGS)}")
         _require(self.cuda_graphs in CUDA_GRAPHS, f"--cuda-graphs must be one of {', '.join(CUDA_GRAPHS)}")
         _require(self.cuda_graphs != "on" or (self.backend == "hf" and self.batching != "padded" and self.device != "cpu"),
-                 "--cuda-graphs on replays the hf backend's packed forwards on a GPU (not --backend vllm, --batching padded or --device cpu)")
+                 "--cuda-graphs on replays the hf backend's packed forwards on a GPU; this run has --backend "
+                 f"{self.backend}, --batching {self.batching} (a resumed cache keeps the batching it was started with), "
+                 f"--device {self.device}")
         _require((self.shard_index is None) == (self.num_shards is None), "--shard-index and --num-shards go together")
         _require(self.num_shards is None or self.num_shards >= 1, "--num-shards must be positive")
         _require(

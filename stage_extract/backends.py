@@ -179,7 +179,6 @@ class HFBackend(_KeyedCompute):
         self.head_chunk_tokens = int(head_chunk_tokens)
         self.graphed = GraphedPackedForward(self._packed_forward, budget=self.batch_tokens, device=self.device) if cuda_graphs else None
         self._in_flight: deque[torch.cuda.Event] = deque()  # ends of the queued forwards (CUDA)
-        self._depth = 2 if cuda_graphs else 1  # forwards queued at once
 
     def feature_batches(self, samples: Sequence[Sample]) -> Iterator[FeatureBatch]:
         check_unique_records(samples)
@@ -193,7 +192,8 @@ class HFBackend(_KeyedCompute):
                 prepared = self.graphed.prepare(host_inputs(token_ids, self.batching))
             else:
                 inputs = host_inputs(token_ids, self.batching, pin=self.device.type == "cuda")
-            while len(self._in_flight) >= self._depth:  # GIL-free wait, see the class docstring
+            depth = 2 if self.graphed is not None and self.graphed.replaying else 1  # forwards queued at once
+            while len(self._in_flight) >= depth:  # GIL-free wait, see the class docstring
                 self._in_flight.popleft().synchronize()
             features = self.graphed.run(prepared) if self.graphed is not None else self.extract_inputs(inputs)
             if self.device.type == "cuda":

@@ -189,7 +189,8 @@ def assistant_char_spans(tokenizer: Any, messages: Sequence[Mapping[str, str]], 
     See the module docstring for the prefix-diff / content-search strategy
     and the trailing-whitespace rule. Empty assistant turns found by the
     prefix diff keep their end-of-turn marker; in the content-search fallback
-    they are left unmarked (there is nothing to locate).
+    they are left unmarked (there is nothing to locate).  ``full``, when given,
+    must be the whole rendering of ``messages`` (it is the last turn's "upto").
     """
     _require_template(tokenizer)
     if full is None:

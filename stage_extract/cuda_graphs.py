@@ -145,12 +145,14 @@ class CudaGraphRecorder:
 
     def record(self, fn: Callable[[], None]) -> Callable[[], None]:
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream(self.device)
         try:
             # thread_local: the part writers' threads keep synchronising on their copies' events
             # during a capture (global mode would fail their calls, and the capture)
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 fn()
         except RuntimeError:
+            torch.cuda.set_stream(stream)  # a failed capture may leave its side stream current
             torch.cuda.synchronize(self.device)
             raise
         if self._pool is None:
@@ -181,6 +183,8 @@ class GraphedPackedForward:
 
     def __init__(self, forward: Callable[[PackedInputs], BatchFeatures], *, budget: int, device: torch.device,
                  recorder=None, max_graphs: int = 64):
+        if max_graphs < 1 or budget < 1:
+            raise ValueError(f"budget and max_graphs must be positive (got {budget}, {max_graphs})")
         self.forward = forward
         self.budget = int(budget)
         self.device = torch.device(device)
@@ -244,6 +248,8 @@ class GraphedPackedForward:
             entry.replay = self.recorder.record(lambda: self._run_and_store(static))
         except RuntimeError as err:  # e.g. an operation that synchronises with the host
             self.disabled_because = f"{type(err).__name__}: {err}".splitlines()[0]
+            self.graphs.clear()  # never replayed again: give their memory back
+            self._outputs.clear()
             warnings.warn(f"CUDA graph capture failed ({self.disabled_because}); the target's forwards run eagerly",
                           RuntimeWarning, stacklevel=3)
             return None
@@ -261,6 +267,11 @@ class GraphedPackedForward:
             finite=planes["finite"], lengths=list(lengths), aux_scale=planes.get("aux_scale"),
             final_hidden=planes.get("final_hidden"),
         )
+
+    @property
+    def replaying(self) -> bool:
+        """Whether rows are replayed (False once a capture has failed)."""
+        return self.disabled_because is None
 
     def stats(self) -> dict:
         """Counts for summaries and benchmarks."""

@@ -139,6 +139,8 @@ def extract_with_model(cfg: ExtractConfig, tokenizer, model, *, device: torch.de
     )
     spec = ExtractSpec(SCHEMA_VERSION, target_identity(cfg.target, model, tokenizer), settings)
     cfg = replace(cfg, aux_compression=settings.aux_compression, batching=settings.batching)  # resolved
+    graphs = use_cuda_graphs(cfg.cuda_graphs, device=device, batching=cfg.batching, backend=cfg.backend,
+                             parameters=sum(p.numel() for p in model.parameters()))
     out = Path(cfg.out)
     state = prepare_cache_dir(out, spec, shard)
     started = time.perf_counter()
@@ -150,8 +152,7 @@ def extract_with_model(cfg: ExtractConfig, tokenizer, model, *, device: torch.de
             cfg.backend, model=model, target_path=resolve_target(cfg.target), layer_ids=layer_ids, top_k=cfg.top_k,
             batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, device=device,
             feature_dtype=cfg.feature_dtype, teacher=cfg.teacher, batching=cfg.batching,
-            cuda_graphs=use_cuda_graphs(cfg.cuda_graphs, device=device, batching=cfg.batching, backend=cfg.backend,
-                                        parameters=sum(p.numel() for p in model.parameters())),
+            cuda_graphs=graphs,
             vllm_options=vllm_options(cfg) if cfg.backend == "vllm" else None,
         )
         try:
