@@ -71,7 +71,7 @@ _worker_tokenizer: Any = None
 
 
 def _init_worker(tokenizer: Any) -> None:
-    """``tokenizer``: a folder it was saved to (see :func:`_tokenized_by_pool`), or the object."""
+    """``tokenizer``: a folder it was saved to (see :func:`_tokenized_in_chunks`), or the object."""
     global _worker_tokenizer  # one tokenizer per pool process, loaded once
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
