@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.disk_speed import disk_bandwidths  # noqa: E402
 from bench.common import aux_layers_for, build_llama_8b, markdown_table, resolve, smollm2_tokenizer, sync, synthetic_chats  # noqa: E402
 
 
@@ -155,7 +156,8 @@ def phase_timers():
     import stage_extract.transfer as transfer
     import stage_extract.writer as writer
 
-    totals = {"submit": 0.0, "collect": 0.0, "concat": 0.0, "write": 0.0, "last_submit_at": 0.0, "seals": []}
+    totals = {"submit": 0.0, "collect": 0.0, "concat": 0.0, "write": 0.0, "last_submit_at": 0.0, "seals": [],
+              "first_at": {}}
     lock = threading.Lock()
 
     def timed(phase, function):
@@ -168,6 +170,7 @@ def phase_timers():
                 ended = time.perf_counter()
                 with lock:
                     totals[phase] += ended - started
+                    totals["first_at"].setdefault(phase, started)
                     if phase == "submit":
                         totals["last_submit_at"] = ended
         return wrapper
@@ -250,27 +253,6 @@ def sustained_rate(seals: list[tuple[float, int]], warm_share: float = 0.25) -> 
     return tokens / max(seals[-1][0] - seals[first][0], 1e-9)
 
 
-def disk_write_bandwidth(directory: Path, gib: float) -> float:
-    """MB/s of writing ``gib`` GiB of incompressible bytes to a file in ``directory`` in 16 MiB
-    writes, fsync included (what the extraction's parts, flushed before their seals, need)."""
-    import os
-
-    import numpy as np
-
-    block = np.random.default_rng(0).integers(0, 256, 16 << 20, dtype=np.uint8).tobytes()
-    path = directory / "disk-bandwidth.bin"
-    count = max(1, int(gib * 64))
-    started = time.perf_counter()
-    with open(path, "wb") as handle:
-        for _ in range(count):
-            handle.write(block)
-        handle.flush()
-        os.fsync(handle.fileno())
-    seconds = time.perf_counter() - started
-    path.unlink()
-    return count * len(block) / seconds / 1e6
-
-
 def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, gains: list[list], graph_gains: list[list],
                  disk: float | None) -> list[list]:
     """The table's rows for one target; appends the packed-against-padded comparison to ``gains``
@@ -310,42 +292,45 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, g
             gains.append([name, setting, round(padded), round(features), f"{features / padded:.2f}",
                           f"{padded_efficiency:.3f}"])
             print(" | ".join(str(v) for v in gains[-1]), file=sys.stderr)
-        out = work / f"{name}-{feature_dtype}-{teacher}"
-        cfg = ExtractConfig(out=out, target=name, data=str(data), max_length=args.max_length, top_k=args.top_k,
-                            layers=layer_ids, batch_tokens=args.batch_tokens, part_tokens=args.part_tokens,
-                            device=device.type, progress=False, feature_dtype=feature_dtype, teacher=teacher,
-                            aux_compression=args.aux_compression, batching=args.batching,
-                            tokenizer_workers=args.tokenizer_workers, cuda_graphs=args.cuda_graphs)
-        sync(device)
-        started = time.perf_counter()
-        sampler = thread_sampler() if args.sample_threads else contextlib.nullcontext()
-        with phase_timers() as phases, sampler:
-            summary = extract_with_model(cfg, tokenizer, model, device=device, dtype=dtype)
-        sync(device)
-        seconds = time.perf_counter() - started
-        run = summary["tokens"] / seconds
-        # The forward loop alone (up to the last batch's queued copies): what writing costs the
-        # target while it runs, apart from the drain of the last parts, which a long extraction
-        # amortises and a short benchmark does not.
-        loop = summary["tokens"] / max(phases.pop("last_submit_at") - started, 1e-9)
-        seals = phases.pop("seals")
-        sustained = sustained_rate(seals)
-        print(f"{name} {setting}: first seals at " + ", ".join(f"{clock - started:.2f}" for clock, _ in seals[:6])
-              + f" s; the last at {seals[-1][0] - started:.2f} s" if seals else "no seals", file=sys.stderr)
-        print(f"{name} {setting}: run {seconds:.2f} s, forward loop {summary['tokens'] / loop:.2f} s; summed phase "
-              "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
-              + f"; CUDA graphs: {summary.get('cuda_graphs')}", file=sys.stderr)
-        written = run * summary["bytes_per_token"] / 1e6
-        written_sustained = sustained * summary["bytes_per_token"] / 1e6 if sustained else None
-        rows.append([name, setting, n_tokens, round(n_tokens / tokenise_seconds), round(backbone), round(features),
-                     round(run), f"{run / features:.2f}", f"{loop / features:.2f}",
-                     f"{sustained / features:.2f}" if sustained else "n/a", f"{summary['bytes_per_token'] / 1024:.2f}",
-                     f"{written:,.1f}", f"{written_sustained:,.1f}" if sustained else "n/a",
-                     f"{written / disk:.2f}" if disk else "n/a",
-                     f"{written_sustained / disk:.2f}" if disk and sustained else "n/a",
-                     f"{efficiency:.3f}"])
-        print(" | ".join(str(v) for v in rows[-1]), file=sys.stderr)
-        shutil.rmtree(out, ignore_errors=True)
+        for attempt in range(args.runs):
+            out = work / f"{name}-{feature_dtype}-{teacher}"
+            cfg = ExtractConfig(out=out, target=name, data=str(data), max_length=args.max_length, top_k=args.top_k,
+                                layers=layer_ids, batch_tokens=args.batch_tokens, part_tokens=args.part_tokens,
+                                device=device.type, progress=False, feature_dtype=feature_dtype, teacher=teacher,
+                                aux_compression=args.aux_compression, batching=args.batching,
+                                tokenizer_workers=args.tokenizer_workers, cuda_graphs=args.cuda_graphs)
+            sync(device)
+            started = time.perf_counter()
+            sampler = thread_sampler() if args.sample_threads else contextlib.nullcontext()
+            with phase_timers() as phases, sampler:
+                summary = extract_with_model(cfg, tokenizer, model, device=device, dtype=dtype)
+            sync(device)
+            seconds = time.perf_counter() - started
+            run = summary["tokens"] / seconds
+            # The forward loop alone (up to the last batch's queued copies): what writing costs the
+            # target while it runs, apart from the drain of the last parts, which a long extraction
+            # amortises and a short benchmark does not.
+            loop = summary["tokens"] / max(phases.pop("last_submit_at") - started, 1e-9)
+            seals = phases.pop("seals")
+            sustained = sustained_rate(seals)
+            firsts = phases.pop("first_at")
+            print(f"{name} {setting}: first calls at " + ", ".join(f"{k} {v - started:.2f}" for k, v in firsts.items())
+                  + " s; first seals at " + ", ".join(f"{clock - started:.2f}" for clock, _ in seals[:6])
+                  + f" s; the last at {seals[-1][0] - started:.2f} s" if seals else "no seals", file=sys.stderr)
+            print(f"{name} {setting}: run {seconds:.2f} s, forward loop {summary['tokens'] / loop:.2f} s; summed phase "
+                  "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+                  + f"; CUDA graphs: {summary.get('cuda_graphs')}", file=sys.stderr)
+            written = run * summary["bytes_per_token"] / 1e6
+            written_sustained = sustained * summary["bytes_per_token"] / 1e6 if sustained else None
+            rows.append([name if args.runs == 1 else f"{name} (run {attempt + 1})", setting, n_tokens, round(n_tokens / tokenise_seconds), round(backbone), round(features),
+                         round(run), f"{run / features:.2f}", f"{loop / features:.2f}",
+                         f"{sustained / features:.2f}" if sustained else "n/a", f"{summary['bytes_per_token'] / 1024:.2f}",
+                         f"{written:,.1f}", f"{written_sustained:,.1f}" if sustained else "n/a",
+                         " / ".join(f"{written / d:.2f}" for d in disk) if disk else "n/a",
+                         " / ".join(f"{written_sustained / d:.2f}" for d in disk) if disk and sustained else "n/a",
+                         f"{efficiency:.3f}"])
+            print(" | ".join(str(v) for v in rows[-1]), file=sys.stderr)
+            shutil.rmtree(out, ignore_errors=True)
     return rows
 
 
@@ -362,12 +347,14 @@ def main() -> None:
     parser.add_argument("--part-tokens", type=int, default=65536)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="forward-only passes over the data")
+    parser.add_argument("--runs", type=int, default=1, help="extractions with writing per setting (one row each)")
     parser.add_argument("--settings", default="bf16/topk,fp8/topk")
     parser.add_argument("--skip-8b", action="store_true")
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--layers-override", type=int, default=None, help="depth of the 8B-shaped model (needed on CPU)")
     parser.add_argument("--writer-threads", type=int, default=0, help="part-writer threads (0: the run path's default)")
     parser.add_argument("--encode-threads", type=int, default=0, help="compression pool threads (0: the run path's default)")
+    parser.add_argument("--sync-threads", type=int, default=0, help="threads flushing written parts (0: the run path's default)")
     parser.add_argument("--aux-compression", default="auto", help="codec of the aux planes (talon extract --aux-compression)")
     parser.add_argument("--batching", default="packed", choices=("packed", "padded"), help="talon extract --batching")
     parser.add_argument("--no-compare-padded", dest="compare_padded", action="store_false",
@@ -379,7 +366,7 @@ def main() -> None:
     parser.add_argument("--sample-threads", action="store_true",
                         help="print where the run's main thread and its tokenizer feeder spend their time (stack samples every 10 ms)")
     args = parser.parse_args()
-    if args.writer_threads or args.encode_threads:
+    if args.writer_threads or args.encode_threads or args.sync_threads:
         import stage_extract.run
 
         default_parallelism = stage_extract.run.writer_parallelism
@@ -388,6 +375,7 @@ def main() -> None:
             chosen = dict(default_parallelism(device))
             chosen["threads"] = args.writer_threads or chosen["threads"]
             chosen["encode_threads"] = args.encode_threads or chosen.get("encode_threads")
+            chosen["sync_threads"] = args.sync_threads or chosen.get("sync_threads")
             return chosen
 
         stage_extract.run.writer_parallelism = parallelism
@@ -405,9 +393,9 @@ def main() -> None:
     args.max_length = min(args.max_length, args.batch_tokens)
     work = Path(tempfile.mkdtemp(prefix="talon-extract-speed-"))
     rows, gains, graph_gains = [], [], []
-    disk = disk_write_bandwidth(work, args.disk_gib) if args.disk_gib > 0 else None
+    disk = disk_bandwidths(work, args.disk_gib) if args.disk_gib > 0 else None
     if disk is not None:
-        print(f"disk: {disk:,.0f} MB/s with fsync", file=sys.stderr)
+        print(f"disk: {disk[0]:,.0f} MB/s one file, {disk[1]:,.0f} MB/s in parts on 3 threads (fsync)", file=sys.stderr)
     if not args.skip_smollm2:
         args.tokens = args.tokens or (2_000_000 if cuda else 2048)
         tokenizer, model = load_target("smollm2", device=device, dtype=dtype)
@@ -420,8 +408,8 @@ def main() -> None:
         rows += bench_target(label, smollm2_tokenizer(), model, device, dtype, args, work, gains, graph_gains, disk)
     header = ["target", "dtype/teacher", "tokens", "tokenise tok/s", "backbone tok/s", "features tok/s",
               "run (with writing) tok/s", "run / features", "forward loop / features", "sustained / features",
-              "KiB/token", "MB/s written (run)", "MB/s written (sustained)", "run MB/s / disk MB/s",
-              "sustained MB/s / disk MB/s", "real-token share of the run's batches"]
+              "KiB/token", "MB/s written (run)", "MB/s written (sustained)", "run MB/s / disk (one file / parts)",
+              "sustained MB/s / disk (one file / parts)", "real-token share of the run's batches"]
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     from stage_extract.run import writer_parallelism
 
@@ -439,7 +427,8 @@ def main() -> None:
         print("\nCUDA graphs against eager forwards (features tok/s, same batches):\n")
         print(markdown_table(["target", "dtype/teacher", "eager tok/s", "graphs tok/s", "graphs / eager"], graph_gains))
     if disk is not None:
-        print(f"\nDisk: {disk:,.0f} MB/s writing {args.disk_gib} GiB of incompressible bytes with fsync, in {work.parent}.")
+        print(f"\nDisk, {args.disk_gib} GiB of incompressible bytes with fsync, in {work.parent}: {disk[0]:,.0f} MB/s "
+              f"as one file, {disk[1]:,.0f} MB/s as parts of SmolLM2's size and layout on 3 threads (bench/disk_speed.py).")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -166,6 +166,8 @@ def time_handoff(parts, args, work: Path, widths, busy: float, compression: str 
         extra["aux_compression"] = compression
     if args.encode_threads and _supports(BackgroundPartWriter.__init__, "encode_threads"):
         extra["encode_threads"] = args.encode_threads
+    if args.sync_threads and _supports(BackgroundPartWriter.__init__, "sync_threads"):
+        extra["sync_threads"] = args.sync_threads
     hog = GilHog(busy) if busy else None
     if hog:
         hog.__enter__()
@@ -197,6 +199,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per host batch (32768 on the GPU runs)")
     parser.add_argument("--threads", type=int, default=0, help="part-writer threads (0: what run.py uses on a GPU host with these cores)")
     parser.add_argument("--encode-threads", type=int, default=0, help="compression pool threads (0: run.py's GPU-host choice)")
+    parser.add_argument("--sync-threads", type=int, default=0, help="threads flushing written parts (0: run.py's GPU-host choice)")
     parser.add_argument("--codec-tokens", type=int, default=8192, help="tokens of features per codec measurement")
     parser.add_argument("--codecs", default=",".join(CODECS), help="comma-separated codec candidates")
     parser.add_argument("--aux-compression", default=None, help="codec of the hand-off rows (default: the store's default for bf16)")
@@ -208,12 +211,14 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=2000)
     parser.add_argument("--pool-rows", type=int, default=4096, help="distinct synthetic token rows (samples are slices of them)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only-handoff", action="store_true", help="stop after the hand-off rows (e.g. under a profiler)")
     args = parser.parse_args()
     from stage_extract.run import writer_parallelism
 
     gpu_host = writer_parallelism(torch.device("cuda"))
     args.threads = args.threads or gpu_host["threads"]
     args.encode_threads = args.encode_threads or gpu_host.get("encode_threads", 0)
+    args.sync_threads = args.sync_threads or gpu_host.get("sync_threads", 0)
     args.batch_tokens = max(args.batch_tokens, args.max_length)
     selectable = store_supports("aux_compression")
     default = None
@@ -246,6 +251,8 @@ def main() -> None:
             r = time_handoff(parts, args, work, widths, busy, default)
             label = f"hand-off ({name})" + (f", main thread {busy:.0%} GIL-busy" if busy else "")
             show(row(label, threads, tokens, raw, r["seconds"], r["cpu"], r["stored"]))
+        if args.only_handoff:
+            return
 
         # write_part_group alone on the collected arrays, one encoding thread (collect timed apart)
         one = {}
@@ -314,11 +321,11 @@ def main() -> None:
             else:
                 show(row(f"aux encode only ({name})", 1, n, aux.nbytes, enc_s, enc_cpu, aux_stored,
                          ratio=round(aux.nbytes / aux_stored, 3), decode=aux.nbytes / dec_s / 1e6))
-    finally:
+    finally:  # also after --only-handoff's early return
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n### Part writer on {os.cpu_count()} CPU cores: {tokens:,} tokens, hidden {args.hidden}, top-{args.top_k}, "
-          f"parts of {args.part_tokens:,} tokens, batches of {args.batch_tokens:,} tokens ({raw / tokens / 1024:.2f} KiB/token raw)\n")
-    print(markdown_table(header, rows))
+        print(f"\n### Part writer on {os.cpu_count()} CPU cores: {tokens:,} tokens, hidden {args.hidden}, top-{args.top_k}, "
+              f"parts of {args.part_tokens:,} tokens, batches of {args.batch_tokens:,} tokens ({raw / tokens / 1024:.2f} KiB/token raw)\n")
+        print(markdown_table(header, rows))
 
 
 def available_compressions() -> tuple[str, ...]:

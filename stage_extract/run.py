@@ -87,11 +87,14 @@ def writer_parallelism(device: torch.device) -> dict[str, int]:
     features must be checksummed and compressed, a pool of up to 8 encoding threads (leaving
     cores for the main thread and the writers) does that GIL-free work, and 3 writer threads
     overlap one part's concatenation and file writes with the others' encoding; more writer
-    threads would only hold more parts in memory."""
+    threads would only hold more parts in memory.  Written parts are flushed to the disk on 3
+    sync threads (they only wait): parallel flushes of part directories reach ~1.3x a single
+    file's bandwidth on the H200 hosts' disks (``bench/disk_speed.py``)."""
     if device.type != "cuda":
-        return {"threads": 1, "max_pending": 2, "encode_threads": 1}
+        return {"threads": 1, "max_pending": 2, "encode_threads": 1, "sync_threads": 1}
     cores = cores_per_worker()
-    return {"threads": min(3, max(1, cores // 4)), "max_pending": 2, "encode_threads": max(1, min(8, cores - 3))}
+    return {"threads": min(3, max(1, cores // 4)), "max_pending": 2, "encode_threads": max(1, min(8, cores - 3)),
+            "sync_threads": 3}
 
 
 def _local_device(device: torch.device) -> torch.device:

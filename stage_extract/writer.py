@@ -4,8 +4,8 @@
 batches their features arrive in (possibly still being copied from the GPU), and the
 bookkeeping its seal needs.  :class:`BackgroundPartWriter` finishes parts in a worker thread
 behind a bounded queue: it waits for the copies, drops samples with non-finite features,
-concatenates, writes the Zarr group and then the seal, so the target keeps computing while the
-previous part is checked, compressed and written.  An error in the worker surfaces in the
+concatenates and writes the Zarr group, then flushes it and writes the seal on a sync thread, so
+the target keeps computing while the previous parts are checked, compressed and written.  An error in the worker surfaces in the
 caller at the next ``submit`` or at ``close``.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import queue
 import threading
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from schemas.layout import DEFAULT_AUX_COMPRESSION, part_name
 from schemas.manifest import PartSeal, write_seal
-from schemas.store import encode_pool, group_path, write_part_group
+from schemas.store import encode_pool, fsync_tree, group_path, write_part_group
 from stage_extract.transfer import HostBatch
 
 FEATURE_PLANES = ("aux_hidden", "aux_scale", "topk_ids", "topk_logprobs", "final_hidden")
@@ -201,20 +201,25 @@ def describe_write_error(err: BaseException, where: Path, action: str = "writing
 
 
 class BackgroundPartWriter:
-    """Finishes and writes parts in ``threads`` worker threads; seals them strictly in order.
+    """Finishes and writes parts in ``threads`` worker threads, flushes them to the disk on
+    ``sync_threads`` more, and seals them strictly in order.
 
     Each worker thread collects and concatenates a part and writes its files; the compression
     and checksums of every part go to one shared pool of ``encode_threads`` threads
     (:func:`schemas.store.encode_pool`, GIL-free work), so a part's arrays are encoded on
-    several cores at once.  Several worker threads overlap one part's concatenation and file
-    writes with another's encoding (each part is its own directory), and a sequencer writes the
-    seals in index order, so a crash can never leave a sealed part after an unsealed one.  At most
-    ``threads + max_pending`` parts are in memory.  After an error no further part is sealed.
+    several cores at once.  A written part's arrays are dropped at once and its flush
+    (:func:`schemas.store.fsync_tree`, which waits for the disk) runs on a sync thread, so a
+    worker never idles on the disk while parts queue up behind it.  Whichever sync thread
+    completes the part whose seal is due writes that seal and every later one already flushed:
+    a crash can never leave a sealed part after an unsealed one.  At most ``threads +
+    max_pending`` parts are in memory, and at most ``max_unsealed`` (default the same) are
+    written but not yet sealed.  After a part fails, the parts before it are still sealed
+    and no later one is.
     """
 
     def __init__(self, worker_dir: Path, vocab_size: int, feature_dtype: str = "bf16", teacher: str = "topk",
                  max_pending: int = 2, threads: int = 1, encode_threads: int | None = None,
-                 aux_compression: str = DEFAULT_AUX_COMPRESSION):
+                 aux_compression: str = DEFAULT_AUX_COMPRESSION, sync_threads: int = 2, max_unsealed: int | None = None):
         self._dir = Path(worker_dir)
         self._vocab_size = vocab_size
         self._feature_dtype = feature_dtype
@@ -222,10 +227,15 @@ class BackgroundPartWriter:
         self._aux_compression = aux_compression
         self._pool = encode_pool(encode_threads)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        self._error: BaseException | None = None
-        self._error_where: Path = worker_dir  # the part group being written when it failed
+        self._error: BaseException | None = None  # the error of the lowest part that failed
+        self._error_where: Path = worker_dir  # that part's group
+        self._stop_at: int | None = None  # no part from this index on is sealed (set by an error)
         self._turn = threading.Condition()
         self._next_seal: int | None = None  # index of the part whose seal is due next
+        self._flushed: dict[int, PartSeal] = {}  # on the disk, waiting for their turn to be sealed
+        self._unsealed = 0
+        self._max_unsealed = max_unsealed or max(1, threads) + max_pending
+        self._sync = ThreadPoolExecutor(max(1, sync_threads), thread_name_prefix="talon-part-sync")
         self.sealed: list[PartSeal] = []
         self._threads = [
             threading.Thread(target=self._work, name=f"talon-part-writer-{i}", daemon=True) for i in range(max(1, threads))
@@ -233,14 +243,24 @@ class BackgroundPartWriter:
         for thread in self._threads:
             thread.start()
 
+    def _fail(self, err: BaseException, index: int) -> None:
+        """Part ``index`` failed: it and every later part stay unsealed; earlier ones still are."""
+        with self._turn:
+            if self._stop_at is None or index < self._stop_at:
+                self._error, self._error_where, self._stop_at = err, group_path(self._dir, part_name(index)), index
+            self._turn.notify_all()
+
+    def _halted(self, index: int) -> bool:
+        return self._stop_at is not None and index >= self._stop_at
+
     def _work(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            if self._error is not None:
-                continue
             builder, source_stats = item
+            if self._halted(builder.index):
+                continue
             try:
                 builder.collect()
                 arrays = builder.arrays(self._pool)
@@ -248,23 +268,40 @@ class BackgroundPartWriter:
                 records = write_part_group(
                     self._dir, part_name(builder.index), arrays, self._vocab_size,
                     feature_dtype=self._feature_dtype, teacher=self._teacher,
-                    aux_compression=self._aux_compression, pool=self._pool,
+                    aux_compression=self._aux_compression, pool=self._pool, sync=False,
                 )
                 seal = builder.seal(arrays, records, source_stats)
-                with self._turn:
-                    self._turn.wait_for(lambda: self._error is not None or self._next_seal == builder.index)
-                    if self._error is not None:
+                del arrays
+                with self._turn:  # the part due next always passes: later ones wait on it
+                    self._turn.wait_for(lambda: self._halted(builder.index) or self._unsealed < self._max_unsealed
+                                        or builder.index == self._next_seal)
+                    if self._halted(builder.index):
                         continue
-                    write_seal(self._dir, seal)
-                    self.sealed.append(seal)
-                    self._next_seal = builder.index + 1
-                    self._turn.notify_all()
+                    self._unsealed += 1
+                self._sync.submit(self._flush_and_seal, seal)
             except BaseException as err:  # surfaced to the caller, never swallowed
-                with self._turn:
-                    if self._error is None:
-                        self._error = err
-                        self._error_where = group_path(self._dir, part_name(builder.index))
-                    self._turn.notify_all()
+                self._fail(err, builder.index)
+
+    def _flush_and_seal(self, seal: PartSeal) -> None:
+        """Flush a written part to the disk, then write every seal now due, in order."""
+        try:
+            fsync_tree(group_path(self._dir, seal.name))  # durable before its seal
+        except BaseException as err:
+            self._fail(err, seal.index)
+            return
+        with self._turn:
+            self._flushed[seal.index] = seal
+            while self._next_seal in self._flushed and not self._halted(self._next_seal):
+                due = self._flushed.pop(self._next_seal)
+                try:
+                    write_seal(self._dir, due)
+                except BaseException as err:
+                    self._error, self._error_where, self._stop_at = err, group_path(self._dir, due.name), due.index
+                    break
+                self.sealed.append(due)
+                self._next_seal += 1
+                self._unsealed -= 1
+            self._turn.notify_all()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -282,4 +319,5 @@ class BackgroundPartWriter:
             self._queue.put(None)
         for thread in self._threads:
             thread.join()
+        self._sync.shutdown(wait=True)
         self._raise_if_failed()

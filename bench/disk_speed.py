@@ -1,0 +1,122 @@
+"""The disk's write bandwidth, as one file and with the part writers' own pattern (issue #2).
+
+``talon extract`` writes each part as one directory of a few shard files (the aux plane being
+most of the bytes), flushes the directory with :func:`schemas.store.fsync_tree` before sealing
+it, and keeps several parts in flight on parallel writer threads.  This script writes
+incompressible bytes both ways, with no encoding and no model, so that the extraction's MB/s can
+be set against what the disk itself takes in that pattern:
+
+* ``one file``: one file of ``--gib`` GiB in 16 MiB writes, then one fsync (the reference
+  extract_speed.py prints);
+* ``parts, N threads``: ``--gib`` GiB cut into parts of ``--part-mb`` MB, each part a directory
+  of files sized like a SmolLM2 part's arrays (``--split``), written in 16 MiB writes and
+  flushed with ``fsync_tree``, by N threads at once.
+
+    python bench/disk_speed.py --dir /tmp --gib 4 --threads 1,3,5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import markdown_table  # noqa: E402
+from schemas.store import fsync_tree  # noqa: E402
+
+WRITE_BYTES = 16 << 20
+# Shares of a SmolLM2 bf16/top-64 part's stored bytes per array (aux, top-k log-probs, top-k ids,
+# input ids, loss mask), rounded from a real store.
+SMOLLM2_SPLIT = (0.86, 0.07, 0.06, 0.007, 0.003)
+
+
+def write_file(path: Path, nbytes: int, block: bytes) -> None:
+    with open(path, "wb") as handle:
+        left = nbytes
+        while left > 0:
+            handle.write(block[: min(left, len(block))])
+            left -= min(left, len(block))
+
+
+def one_file(directory: Path, total: int, block: bytes) -> float:
+    path = directory / "one-file.bin"
+    started = time.perf_counter()
+    write_file(path, total, block)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - started
+    path.unlink()
+    return total / seconds / 1e6
+
+
+def parts(directory: Path, total: int, part_bytes: int, split: tuple[float, ...], threads: int, block: bytes) -> float:
+    root = directory / f"parts-{threads}"
+    root.mkdir()
+    count = max(1, total // part_bytes)
+
+    def write_part(index: int) -> None:
+        part = root / f"part-{index:06d}.zarr"
+        for array, share in enumerate(split):
+            folder = part / f"array{array}" / "c"
+            folder.mkdir(parents=True)
+            write_file(folder / "0", int(part_bytes * share), block)
+        fsync_tree(part)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(write_part, range(count)))
+    seconds = time.perf_counter() - started
+    written = count * sum(int(part_bytes * share) for share in split)
+    shutil.rmtree(root)
+    return written / seconds / 1e6
+
+
+def disk_bandwidths(directory: Path, gib: float, threads: int = 3, part_mb: float = 230.0) -> tuple[float, float]:
+    """MB/s as one file and as parts on ``threads`` threads (what extract_speed.py compares with)."""
+    scratch = Path(tempfile.mkdtemp(prefix="talon-disk-", dir=directory))
+    block = os.urandom(WRITE_BYTES)
+    total = int(gib * (1 << 30))
+    try:
+        return one_file(scratch, total, block), parts(scratch, total, int(part_mb * 1e6), SMOLLM2_SPLIT, threads, block)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default=None, help="directory on the disk to measure (default: the temp directory)")
+    parser.add_argument("--gib", type=float, default=2.0, help="GiB written per row")
+    parser.add_argument("--part-mb", type=float, default=230.0, help="MB per part (a SmolLM2 part of 65,536 tokens: ~230)")
+    parser.add_argument("--threads", default="1,3,5", help="comma-separated writer-thread counts")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    args = parser.parse_args()
+    directory = Path(tempfile.mkdtemp(prefix="talon-disk-", dir=args.dir))
+    block = os.urandom(WRITE_BYTES)
+    total = int(args.gib * (1 << 30))
+    try:
+        rows = [["one file, one fsync", 1, one_file(directory, total, block)]]
+        for threads in (int(t) for t in args.threads.split(",")):
+            rows.append([f"parts of {args.part_mb:g} MB, fsync_tree each", threads,
+                         parts(directory, total, int(args.part_mb * 1e6), SMOLLM2_SPLIT, threads, block)])
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    if args.json:
+        print(json.dumps([{"pattern": r[0], "threads": r[1], "mb_per_s": round(r[2], 1)} for r in rows]))
+    else:
+        print(f"Disk under {directory.parent}, {args.gib:g} GiB per row:\n")
+        print(markdown_table(["pattern", "threads", "MB/s"], rows))
+
+
+if __name__ == "__main__":
+    main()
