@@ -4,8 +4,9 @@ Each part is written once, whole: every array is a single shard (the sharding co
 inner chunks of about ``INNER_CHUNK_BYTES``, so the writer never rewrites a shard and the reader
 decodes only the inner chunks a sample touches.  Codecs are pinned here, never taken from the
 ambient ``zarr.config``; the feature planes' codec is the cache's ``aux_compression`` setting.
-Zarr writes the metadata, and :func:`write_part_group` writes each shard file itself, byte for
-byte what zarr would write, with the chunks compressed on a shared thread pool.
+:func:`write_part_group` writes every file itself, byte for byte what zarr would write: the
+metadata from templates zarr makes once per array kind, the shards with their chunks compressed
+on a shared thread pool.
 
 Checksums are computed from the bytes handed to Zarr, in one pass per array: a running CRC32
 recorded after every sample (see :class:`schemas.manifest.ArrayRecord`), whose last value is the
