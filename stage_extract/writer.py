@@ -4,9 +4,9 @@
 batches their features arrive in (possibly still being copied from the GPU), and the
 bookkeeping its seal needs.  :class:`BackgroundPartWriter` finishes parts in a worker thread
 behind a bounded queue: it waits for the copies, drops samples with non-finite features,
-concatenates and writes the Zarr group, then flushes it and writes the seal on a sync thread, so
-the target keeps computing while the previous parts are checked, compressed and written.  An error in the worker surfaces in the
-caller at the next ``submit`` or at ``close``.
+concatenates and writes the Zarr group, then flushes it and writes the seal on a sync thread,
+so the target keeps computing while the previous parts are checked, compressed and written.  An
+error in the worker surfaces in the caller at the next ``submit`` or at ``close``.
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ class BackgroundPartWriter:
                 try:
                     write_seal(self._dir, due)
                 except BaseException as err:
-                    self._error, self._error_where, self._stop_at = err, group_path(self._dir, due.name), due.index
+                    self._fail(err, due.index)  # the condition's lock is re-entrant
                     break
                 self.sealed.append(due)
                 self._next_seal += 1
