@@ -9,10 +9,11 @@ be set against what the disk itself takes in that pattern:
 * ``one file``: one file of ``--gib`` GiB in 16 MiB writes, then one fsync (the reference
   extract_speed.py prints);
 * ``parts, N threads``: ``--gib`` GiB cut into parts of ``--part-mb`` MB, each part a directory
-  of files sized like a SmolLM2 part's arrays (``--split``), written in 16 MiB writes and
-  flushed with ``fsync_tree``, by N threads at once.
+  of files sized like a SmolLM2 part's arrays, written in writes of ``--write-mb`` MB (16 MiB by
+  default; the store writes one compressed inner chunk at a time, ~0.75 MB for SmolLM2's aux
+  plane) and flushed with ``fsync_tree``, by N threads at once.
 
-    python bench/disk_speed.py --dir /tmp --gib 4 --threads 1,3,5
+    python bench/disk_speed.py --dir /tmp --gib 4 --threads 1,3,5 --write-mb 16,0.75
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ WRITE_BYTES = 16 << 20
 SMOLLM2_SPLIT = (0.86, 0.07, 0.06, 0.007, 0.003)
 
 
-def write_file(path: Path, nbytes: int, block: bytes) -> None:
+def write_file(path: Path, nbytes: int, block: bytes, write_bytes: int = WRITE_BYTES) -> None:
+    view = memoryview(block)[: max(1, min(write_bytes, len(block)))]
     with open(path, "wb") as handle:
         left = nbytes
         while left > 0:
-            handle.write(block[: min(left, len(block))])
-            left -= min(left, len(block))
+            handle.write(view[: min(left, len(view))])
+            left -= min(left, len(view))
 
 
 def one_file(directory: Path, total: int, block: bytes) -> float:
@@ -60,7 +62,8 @@ def one_file(directory: Path, total: int, block: bytes) -> float:
     return total / seconds / 1e6
 
 
-def parts(directory: Path, total: int, part_bytes: int, split: tuple[float, ...], threads: int, block: bytes) -> float:
+def parts(directory: Path, total: int, part_bytes: int, split: tuple[float, ...], threads: int, block: bytes,
+          write_bytes: int = WRITE_BYTES) -> float:
     root = directory / f"parts-{threads}"
     root.mkdir()
     count = max(1, total // part_bytes)
@@ -70,7 +73,7 @@ def parts(directory: Path, total: int, part_bytes: int, split: tuple[float, ...]
         for array, share in enumerate(split):
             folder = part / f"array{array}" / "c"
             folder.mkdir(parents=True)
-            write_file(folder / "0", int(part_bytes * share), block)
+            write_file(folder / "0", int(part_bytes * share), block, write_bytes)
         fsync_tree(part)
 
     started = time.perf_counter()
@@ -99,6 +102,7 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=2.0, help="GiB written per row")
     parser.add_argument("--part-mb", type=float, default=230.0, help="MB per part (a SmolLM2 part of 65,536 tokens: ~230)")
     parser.add_argument("--threads", default="1,3,5", help="comma-separated writer-thread counts")
+    parser.add_argument("--write-mb", default="16.777216", help="comma-separated sizes of each write() in the parts rows, MB")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="talon-disk-", dir=args.dir))
@@ -106,9 +110,11 @@ def main() -> None:
     total = int(args.gib * (1 << 30))
     try:
         rows = [["one file, one fsync", 1, one_file(directory, total, block)]]
-        for threads in (int(t) for t in args.threads.split(",")):
-            rows.append([f"parts of {args.part_mb:g} MB, fsync_tree each", threads,
-                         parts(directory, total, int(args.part_mb * 1e6), SMOLLM2_SPLIT, threads, block)])
+        for write_mb in (float(w) for w in args.write_mb.split(",")):
+            for threads in (int(t) for t in args.threads.split(",")):
+                rows.append([f"parts of {args.part_mb:g} MB in {write_mb:g} MB writes, fsync_tree each", threads,
+                             parts(directory, total, int(args.part_mb * 1e6), SMOLLM2_SPLIT, threads, block,
+                                   int(write_mb * 1e6))])
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     if args.json:
