@@ -280,28 +280,29 @@ class BackgroundPartWriter:
                     self._unsealed += 1
                 self._sync.submit(self._flush_and_seal, seal)
             except BaseException as err:  # surfaced to the caller, never swallowed
+                arrays = None  # the error's traceback keeps this frame: free the part's arrays
                 self._fail(err, builder.index)
 
     def _flush_and_seal(self, seal: PartSeal) -> None:
-        """Flush a written part to the disk, then write every seal now due, in order."""
+        """Flush a written part to the disk, then write every seal now due, in order.  Runs on
+        the sync pool, whose futures nobody reads: every error goes to :meth:`_fail`."""
+        index = seal.index
         try:
+            if self._halted(index):  # a part before it failed: it will never be sealed
+                return
             fsync_tree(group_path(self._dir, seal.name))  # durable before its seal
+            with self._turn:
+                self._flushed[index] = seal
+                while self._next_seal in self._flushed and not self._halted(self._next_seal):
+                    index = self._next_seal  # the part an error now belongs to
+                    due = self._flushed.pop(index)
+                    write_seal(self._dir, due)  # small: a few ms under the lock
+                    self.sealed.append(due)
+                    self._next_seal += 1
+                    self._unsealed -= 1
+                self._turn.notify_all()
         except BaseException as err:
-            self._fail(err, seal.index)
-            return
-        with self._turn:
-            self._flushed[seal.index] = seal
-            while self._next_seal in self._flushed and not self._halted(self._next_seal):
-                due = self._flushed.pop(self._next_seal)
-                try:
-                    write_seal(self._dir, due)
-                except BaseException as err:
-                    self._fail(err, due.index)  # the condition's lock is re-entrant
-                    break
-                self.sealed.append(due)
-                self._next_seal += 1
-                self._unsealed -= 1
-            self._turn.notify_all()
+            self._fail(err, index)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

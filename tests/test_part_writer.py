@@ -67,7 +67,9 @@ def test_seals_follow_part_order_and_each_flush(tmp_path, monkeypatch):
             time.sleep(0.3)
         return real_write(worker_dir, name, *args, **kwargs)
 
-    def slow_fsync(path):
+    def slow_fsync(path):  # called once a written part has been let through the bound
+        with lock:
+            events.append(("admitted", index_of(path)))
         if index_of(path) == 0:
             time.sleep(0.3)
         real_fsync(path)
@@ -92,6 +94,13 @@ def test_seals_follow_part_order_and_each_flush(tmp_path, monkeypatch):
     assert sealed == list(range(6))
     for index in range(6):
         assert events.index(("flushed", index)) < events.index(("sealed", index))
+    # Written but unsealed: at most max_unsealed, plus the part due next, which always passes.
+    # Without the bound, parts 1-5 would all be written and flushing while part 0 is slow.
+    waiting = peak = 0
+    for kind, _ in events:
+        waiting += {"admitted": 1, "sealed": -1}.get(kind, 0)
+        peak = max(peak, waiting)
+    assert peak <= 2
     assert all(seal_path(tmp_path, f"part-{i:06d}").is_file() for i in range(6))
 
 
@@ -137,3 +146,58 @@ def test_sealed_parts_hold_the_submitted_samples(tmp_path, sync_threads):
         assert (seal.n_samples, seal.first_record) == (3, 3 * index)
         stored = np.asarray(zarr.open_array(str(group_path(tmp_path, name) / "aux_hidden"), mode="r")[...])
         assert np.array_equal(stored.view(np.uint16), np.concatenate(samples))
+
+
+def test_a_failed_seal_names_its_part_and_stops_there(tmp_path, monkeypatch):
+    real_seal = writer_module.write_seal
+
+    def failing_seal(cache_dir, seal):
+        if seal.index == 1:
+            raise OSError(errno.EACCES, "Permission denied")
+        real_seal(cache_dir, seal)
+
+    monkeypatch.setattr(writer_module, "write_seal", failing_seal)
+    rng = np.random.default_rng(6)
+    writer = BackgroundPartWriter(tmp_path, VOCAB, threads=2, sync_threads=2)
+    for index in range(4):
+        try:
+            writer.submit(_builder(index, rng), {})
+        except CacheWriteError:
+            break
+    err = _close_within(writer)
+    assert isinstance(err, CacheWriteError) and "part-000001" in str(err) and "not writable" in str(err)
+    assert [seal.index for seal in writer.sealed] == [0]
+    assert [seal_path(tmp_path, f"part-{i:06d}").is_file() for i in range(4)] == [True, False, False, False]
+
+
+def test_the_lowest_failed_part_is_the_one_reported(tmp_path, monkeypatch):
+    """Part 3 fails first, part 1 later: the error names part 1, and only part 0 is sealed."""
+    real_write = writer_module.write_part_group
+
+    def failing_write(worker_dir, name, *args, **kwargs):
+        if name == "part-000001":
+            time.sleep(0.3)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if name == "part-000003":
+            raise ValueError("part 3 is broken")
+        return real_write(worker_dir, name, *args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "write_part_group", failing_write)
+    rng = np.random.default_rng(7)
+    writer = BackgroundPartWriter(tmp_path, VOCAB, threads=3, sync_threads=2)
+    for index in range(4):
+        writer.submit(_builder(index, rng), {})
+    err = _close_within(writer)
+    assert isinstance(err, CacheWriteError) and "part-000001" in str(err) and "disk is full" in str(err)
+    assert [seal.index for seal in writer.sealed] == [0]
+
+
+def test_a_resumed_writer_seals_from_its_first_part_on(tmp_path):
+    """After a resume the first part is not part 0: seals still start there and stay in order."""
+    rng = np.random.default_rng(8)
+    writer = BackgroundPartWriter(tmp_path, VOCAB, threads=2, sync_threads=2, max_unsealed=1)
+    for index in range(3, 7):
+        writer.submit(_builder(index, rng), {})
+    assert _close_within(writer) is None
+    assert [seal.index for seal in writer.sealed] == [3, 4, 5, 6]
+    assert [seal_path(tmp_path, f"part-{i:06d}").is_file() for i in range(7)] == [False] * 3 + [True] * 4

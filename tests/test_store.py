@@ -208,6 +208,23 @@ def test_direct_shard_writes_equal_zarr_writes(tmp_path, monkeypatch, aux_compre
     assert [c["name"] for c in codecs] == {"none": ["bytes"], "zstd": ["bytes", "zstd"]}.get(aux_compression, ["bytes", "blosc"])
 
 
+@pytest.mark.parametrize("feature_dtype,teacher", [("bf16", "final-hidden"), ("fp8", "both")])
+def test_direct_writes_of_an_empty_part_equal_zarr_writes(tmp_path, feature_dtype, teacher):
+    """A part whose every sample was dropped: only metadata, of 0-row arrays, as zarr writes it."""
+    from schemas.layout import array_specs, row_widths
+
+    builder = PartBuilder(index=0, first_record=0, widths=row_widths(4, 3, feature_dtype, teacher))
+    arrays = builder.arrays()
+    written = {}
+    for direct in (True, False):
+        out = tmp_path / ("direct" if direct else "zarr")
+        write_part_group(out, "part-000000", arrays, 70000, feature_dtype=feature_dtype, teacher=teacher, direct=direct)
+        written[direct] = {p.relative_to(out): p.read_bytes() for p in sorted((out / "parts").rglob("*")) if p.is_file()}
+    assert written[True] == written[False]
+    assert {p.name for p in written[True]} == {"zarr.json"}
+    assert len(written[True]) == 1 + len(array_specs(70000, feature_dtype, teacher))  # the group's and each array's
+
+
 def test_aux_compression_is_recorded_and_old_specs_mean_blosc_zstd():
     from pipeline.config import ConfigError, ExtractConfig
     from schemas.layout import DEFAULT_AUX_COMPRESSION, resolve_aux_compression
