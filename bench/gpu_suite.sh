@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of issues #2 and #6 in one call (after staging, see ../shared/gpu/README.md):
-#   SUITE="tests multi train extract reader" bash bench/gpu_suite.sh [OUT_DIR]
+#   SUITE="tests multi train extract reader writer" bash bench/gpu_suite.sh [OUT_DIR]
 # Each step writes its table and log under OUT_DIR (default $OUT, else bench-out) and the suite
 # goes on after a failed step. `multi` needs 2 GPUs and runs first, so that a 2-GPU lease is
 # spent on what needs it; the single-GPU steps then use GPU 0 alone. All five take roughly 15
@@ -44,6 +44,10 @@ for item in $suite; do
         --soft-ce reference --out "$out/train_speed_reference_ce.json" ;;
     extract) step extract_speed env CUDA_VISIBLE_DEVICES=0 python bench/extract_speed.py --device cuda --sample-threads ;;
     reader) step reader_speed env CUDA_VISIBLE_DEVICES=0 python bench/reader_speed.py --device cuda ;;
-    *) echo "unknown suite item: $item (tests, multi, train, extract, reader)" ;;
+    writer)  # the SmolLM2-shaped part writer without a model, beside the disk in its own write pattern
+      step disk_speed python bench/disk_speed.py --gib 4 --threads 1,3 --write-mb 16.777216,0.75
+      step writer_speed python bench/writer_speed.py --hidden 576 --vocab 49152 --tokens 2000000 --part-tokens 65536 \
+        --batch-tokens 32768 --busy 0 --only-handoff ;;
+    *) echo "unknown suite item: $item (tests, multi, train, extract, reader, writer)" ;;
   esac
 done
