@@ -20,7 +20,8 @@ Three ratios to ``features``: the whole ``run`` (start-up and the final drain of
 included), the ``forward loop`` (until the last batch's copies are queued), and the
 ``sustained`` rate at which parts are sealed once the pipeline is full (what an hours-long
 extraction runs at).  The disk's own write bandwidth (with fsync, as the parts are flushed
-before their seals) is measured first, to compare with the MB/s the run writes.
+before their seals) is measured first, as one file and as parallel parts
+(:mod:`bench.disk_speed`), to compare with the MB/s the run writes; ``--runs`` repeats the run.
 
 Targets: (a) the real SmolLM2 and (b) a random-weight Llama-3.1-8B-shaped model (CUDA only,
 or on CPU with ``--layers-override``).  Default sizes finish in about 5 minutes on one H100.
@@ -254,7 +255,7 @@ def sustained_rate(seals: list[tuple[float, int]], warm_share: float = 0.25) -> 
 
 
 def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, gains: list[list], graph_gains: list[list],
-                 disk: float | None) -> list[list]:
+                 disk: tuple[float, float] | None) -> list[list]:
     """The table's rows for one target; appends the packed-against-padded comparison to ``gains``
     and the graphs-against-eager one to ``graph_gains``."""
     from stage_extract.cuda_graphs import use_cuda_graphs
@@ -322,7 +323,8 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, g
                   + f"; CUDA graphs: {summary.get('cuda_graphs')}", file=sys.stderr)
             written = run * summary["bytes_per_token"] / 1e6
             written_sustained = sustained * summary["bytes_per_token"] / 1e6 if sustained else None
-            rows.append([name if args.runs == 1 else f"{name} (run {attempt + 1})", setting, n_tokens, round(n_tokens / tokenise_seconds), round(backbone), round(features),
+            label = name if args.runs == 1 else f"{name} (run {attempt + 1})"
+            rows.append([label, setting, n_tokens, round(n_tokens / tokenise_seconds), round(backbone), round(features),
                          round(run), f"{run / features:.2f}", f"{loop / features:.2f}",
                          f"{sustained / features:.2f}" if sustained else "n/a", f"{summary['bytes_per_token'] / 1024:.2f}",
                          f"{written:,.1f}", f"{written_sustained:,.1f}" if sustained else "n/a",
