@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from schemas.layout import N_AUX_LAYERS, has_final_hidden, has_topk
+from stage_extract.head_topk import topk_from_logits
 from stage_extract.packed_attention import PackedInputs, packed_attention
 from stage_extract.quant import quantize_fp8
 
@@ -167,10 +168,9 @@ def _batch_features(model, forward_kwargs: dict, index: torch.Tensor | None, len
         ids, logprobs = [], []
         head = model.get_output_embeddings()
         for start in range(0, final.shape[0], head_chunk_tokens):
-            logits = head(final[start : start + head_chunk_tokens]).float()
-            values, indices = torch.topk(torch.log_softmax(logits, dim=-1), k=top_k, dim=-1)
-            ids.append(indices.to(torch.int32))
-            logprobs.append(values)
+            chunk_ids, chunk_logprobs = topk_from_logits(head(final[start : start + head_chunk_tokens]), top_k)
+            ids.append(chunk_ids)
+            logprobs.append(chunk_logprobs)
         topk_ids, topk_logprobs = torch.cat(ids), torch.cat(logprobs)
         finite &= _rows_finite(topk_logprobs)
     return BatchFeatures(

@@ -45,6 +45,7 @@ import torch
 
 from schemas.layout import check_feature_settings, has_final_hidden, has_topk
 from stage_extract.backends import BackendUnavailable, FeatureBatch, Sample, _KeyedCompute, check_unique_records
+from stage_extract.head_topk import topk_from_logits
 from stage_extract.quant import quantize_fp8
 
 VLLM_VERSION = "0.26.0"
@@ -198,10 +199,9 @@ class TargetHead:
         ids, logprobs = [], []
         for start in range(0, final_prenorm.shape[0], chunk_tokens):
             normed = self.normalize(final_prenorm[start : start + chunk_tokens])
-            logits = torch.nn.functional.linear(normed, self.head_weight).float()
-            values, indices = torch.topk(torch.log_softmax(logits, dim=-1), k=k, dim=-1)
-            ids.append(indices)
-            logprobs.append(values)
+            chunk_ids, chunk_logprobs = topk_from_logits(torch.nn.functional.linear(normed, self.head_weight), k)
+            ids.append(chunk_ids.long())
+            logprobs.append(chunk_logprobs)
         if not ids:
             return torch.zeros((0, k), dtype=torch.long), torch.zeros((0, k), dtype=torch.float32)
         return torch.cat(ids), torch.cat(logprobs)
