@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from schemas.checksum import CHECKSUMS, LEGACY_CHECKSUM
 from schemas.jsonio import read_json, write_json_atomic
 from schemas.layout import (
     DEFAULT_AUX_COMPRESSION,
@@ -203,10 +204,12 @@ class ExtractSpec:
 class ArrayRecord:
     """One array of a sealed part as written.
 
-    ``crc32`` covers the whole array's bytes.  For per-token arrays ``sample_crc32[i]`` is the
-    running CRC32 after sample ``i``'s rows (so ``sample_crc32[-1] == crc32``): sample ``i`` is
-    intact iff ``crc32(rows_i, sample_crc32[i-1]) == sample_crc32[i]``, which lets validation name
-    the damaged sample at the cost of one checksum pass at write time.
+    ``crc32`` is a CRC-32 of the whole array's bytes, by the polynomial ``checksum`` names
+    (:mod:`schemas.checksum`: ``crc32c`` for new parts; ``crc32``, zlib's, for parts written
+    before, whose records have no ``checksum`` key).  For per-token arrays ``sample_crc32[i]`` is
+    the running value after sample ``i``'s rows (so ``sample_crc32[-1] == crc32``): sample ``i``
+    is intact iff ``crc(rows_i, sample_crc32[i-1]) == sample_crc32[i]``, which lets validation
+    name the damaged sample at the cost of one checksum pass at write time.
     """
 
     shape: tuple[int, ...]
@@ -214,6 +217,11 @@ class ArrayRecord:
     stored_bytes: int
     dtype: str = ""
     sample_crc32: tuple[int, ...] = ()
+    checksum: str = LEGACY_CHECKSUM
+
+    def __post_init__(self) -> None:
+        if self.checksum not in CHECKSUMS:
+            raise ValueError(f"unknown checksum {self.checksum!r} (this version knows {', '.join(CHECKSUMS)})")
 
     def to_dict(self) -> dict[str, Any]:
         data = {"shape": list(self.shape), "crc32": self.crc32, "stored_bytes": self.stored_bytes}
@@ -221,6 +229,8 @@ class ArrayRecord:
             data["dtype"] = self.dtype
         if self.sample_crc32:
             data["sample_crc32"] = list(self.sample_crc32)
+        if self.checksum != LEGACY_CHECKSUM:
+            data["checksum"] = self.checksum
         return data
 
     @classmethod
@@ -231,6 +241,7 @@ class ArrayRecord:
             stored_bytes=int(data["stored_bytes"]),
             dtype=str(data.get("dtype", "")),
             sample_crc32=tuple(int(c) for c in data.get("sample_crc32", ())),
+            checksum=str(data.get("checksum", LEGACY_CHECKSUM)),
         )
 
 

@@ -23,6 +23,8 @@ from typing import Callable
 
 import numpy as np
 
+from schemas.checksum import crc32c_of_bytes
+
 EMPTY_CHUNK = (1 << 64) - 1
 
 
@@ -37,14 +39,6 @@ def _decoder(codec: dict) -> Callable[[bytes], bytes] | None:
 
         return Zstd().decode
     return None
-
-
-def _crc32c(data: bytes) -> int | None:
-    try:
-        import google_crc32c
-    except ImportError:  # zarr's own dependency; without it the index is used unchecked
-        return None
-    return int(google_crc32c.value(data))
 
 
 class ShardIndexError(ValueError):
@@ -118,8 +112,7 @@ class ShardArray:
                 if end < size:
                     raise ShardIndexError(f"{self.path}: {end} bytes, too short for its index of {n} chunks")
                 raw = os.pread(handle.fileno(), size, end - size)
-            expected = _crc32c(raw[:-4])
-            if expected is not None and expected != int.from_bytes(raw[-4:], "little"):
+            if crc32c_of_bytes(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
                 raise ShardIndexError(f"{self.path}: the shard index fails its CRC32C")
             self._index = np.frombuffer(raw[:-4], dtype="<u8").reshape(n, 2)
         return self._index

@@ -22,12 +22,10 @@ import os
 import shutil
 import tempfile
 import threading
-import zlib
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
@@ -35,6 +33,7 @@ from numcodecs import get_codec
 from packaging.version import Version
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from schemas.checksum import DEFAULT_CHECKSUM, checksum, crc32c_of_bytes, running_sample_checksums
 from schemas.fp8 import dequantize_to_bf16_bits
 from schemas.shard import EMPTY_CHUNK, ShardArray
 from schemas.layout import AUX_COMPRESSIONS, DEFAULT_AUX_COMPRESSION, LEGACY_AUX_COMPRESSION, array_specs, resolve_aux_compression
@@ -94,19 +93,6 @@ def _inner_rows(row_bytes: int, n_rows: int) -> int:
     rows = max(64, min(4096, INNER_CHUNK_BYTES // max(row_bytes, 1)))
     rows = 1 << (rows.bit_length() - 1)  # a power of two keeps chunk boundaries predictable
     return max(1, min(rows, max(n_rows, 1)))
-
-
-def crc32_of(array: np.ndarray, start: int = 0) -> int:
-    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1), start) & 0xFFFFFFFF
-
-
-def running_sample_crc32(array: np.ndarray, offsets: np.ndarray) -> tuple[int, ...]:
-    """The running CRC32 after each sample's rows (one pass over the bytes)."""
-    crcs, running = [], 0
-    for start, stop in zip(offsets[:-1], offsets[1:]):
-        running = crc32_of(array[start:stop], running)
-        crcs.append(running)
-    return tuple(crcs)
 
 
 def fsync_tree(path: Path) -> None:
@@ -209,7 +195,7 @@ def _write_shard(path: Path, tasks: list, n_chunks: int) -> None:
             offset += nbytes
         if handle is not None:
             raw = index.tobytes()
-            handle.write(raw + int(google_crc32c.value(raw)).to_bytes(4, "little"))
+            handle.write(raw + crc32c_of_bytes(raw).to_bytes(4, "little"))
     finally:
         if handle is not None:
             handle.close()
@@ -308,7 +294,7 @@ def write_part_group(
                                        shards=(shard_rows,) + data.shape[1:], compressors=compressors or None,
                                        fill_value=0, attributes=attributes)
         # the longest task (a whole-array checksum) first, then the chunks
-        crcs = pool.submit(running_sample_crc32, data, offsets) if spec.per_token else None
+        crcs = pool.submit(running_sample_checksums, data, offsets) if spec.per_token else None
         encoded = []
         if data.size and direct:
             codec = get_codec(dict(codec_config)) if codec_config else None
@@ -325,7 +311,8 @@ def write_part_group(
         sample_crcs = crcs.result() if crcs is not None else ()
         records[spec.name] = ArrayRecord(
             shape=tuple(int(s) for s in data.shape),
-            crc32=sample_crcs[-1] if sample_crcs else crc32_of(data),
+            crc32=sample_crcs[-1] if sample_crcs else checksum(data),
+            checksum=DEFAULT_CHECKSUM,
             stored_bytes=dir_bytes(path / spec.name),
             dtype=spec.storage_dtype,
             sample_crc32=sample_crcs,

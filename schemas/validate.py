@@ -19,7 +19,6 @@ Damage is reported, not raised: :meth:`ValidationReport.require_ok` turns it int
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ import zarr
 from tqdm.auto import tqdm
 
 from schemas.layout import TARGET_HEAD_FILE, array_specs, has_final_hidden, row_widths
-from schemas.manifest import CacheError, CacheManifest, PartSeal, part_group_path, part_seal_path, read_manifest, read_seal
+from schemas.checksum import checksum
+from schemas.manifest import ArrayRecord, CacheError, CacheManifest, PartSeal, part_group_path, part_seal_path, read_manifest, read_seal
 from schemas.store import dir_bytes
 
 DEEP_BLOCK_BYTES = 64 << 20  # decode at most this much of an array at a time
@@ -236,35 +236,35 @@ class _PartCheck:
         for name, record in seal.arrays.items():
             array = group[name]
             if not record.sample_crc32:
-                self._deep_whole(name, array, record.crc32)
+                self._deep_whole(name, array, record)
                 continue
-            self._deep_samples(name, array, record.sample_crc32)
+            self._deep_samples(name, array, record)
 
-    def _deep_whole(self, name: str, array: zarr.Array, expected: int) -> None:
+    def _deep_whole(self, name: str, array: zarr.Array, record: ArrayRecord) -> None:
         try:
             data = np.ascontiguousarray(array[...])
         except Exception as err:
             self.fail(name, f"cannot decode ({err})")
             return
         self.report.checked_bytes += data.nbytes
-        if zlib.crc32(data.view(np.uint8).reshape(-1)) & 0xFFFFFFFF != expected:
+        if checksum(data, 0, record.checksum) != record.crc32:
             self.fail(name, "checksum mismatch")
 
-    def _deep_samples(self, name: str, array: zarr.Array, crcs: tuple[int, ...]) -> None:
+    def _deep_samples(self, name: str, array: zarr.Array, record: ArrayRecord) -> None:
         offsets = self.offsets
         row_bytes = max(1, int(np.dtype(array.dtype).itemsize * int(np.prod(array.shape[1:], dtype=np.int64))))
-        sample, n = 0, len(crcs)
+        sample, n = 0, len(record.sample_crc32)
         while sample < n:
             stop = sample + 1
             while stop < n and (offsets[stop + 1] - offsets[sample]) * row_bytes <= DEEP_BLOCK_BYTES:
                 stop += 1
-            bad = self._check_block(name, array, crcs, sample, stop)
+            bad = self._check_block(array, record, sample, stop)
             if bad is not None:
                 self.fail(name, bad[1], sample=bad[0])
                 return
             sample = stop
 
-    def _check_block(self, name: str, array: zarr.Array, crcs: tuple[int, ...], first: int, stop: int) -> tuple[int, str] | None:
+    def _check_block(self, array: zarr.Array, record: ArrayRecord, first: int, stop: int) -> tuple[int, str] | None:
         offsets = self.offsets
         try:
             block = np.ascontiguousarray(array[int(offsets[first]) : int(offsets[stop])])
@@ -275,21 +275,21 @@ class _PartCheck:
                     rows = np.ascontiguousarray(array[int(offsets[sample]) : int(offsets[sample + 1])])
                 except Exception as err:
                     return sample, f"cannot decode ({err})"
-                if self._crc(rows, sample, crcs) != crcs[sample]:
+                if not self._sample_intact(rows, sample, record):
                     return sample, "checksum mismatch"
             return first, "cannot decode the block"
         self.report.checked_bytes += block.nbytes
         base = int(offsets[first])
         for sample in range(first, stop):
             rows = block[int(offsets[sample]) - base : int(offsets[sample + 1]) - base]
-            if self._crc(rows, sample, crcs) != crcs[sample]:
+            if not self._sample_intact(rows, sample, record):
                 return sample, "checksum mismatch"
         return None
 
     @staticmethod
-    def _crc(rows: np.ndarray, sample: int, crcs: tuple[int, ...]) -> int:
-        start = crcs[sample - 1] if sample > 0 else 0
-        return zlib.crc32(np.ascontiguousarray(rows).view(np.uint8).reshape(-1), start) & 0xFFFFFFFF
+    def _sample_intact(rows: np.ndarray, sample: int, record: ArrayRecord) -> bool:
+        start = record.sample_crc32[sample - 1] if sample > 0 else 0
+        return checksum(rows, start, record.checksum) == record.sample_crc32[sample]
 
 
 def validate_cache(cache_dir: str | Path, *, deep: bool, progress: bool = False) -> ValidationReport:

@@ -235,6 +235,47 @@ def test_deep_validation_names_the_damaged_part_array_and_sample(cache_copy, tin
         CacheReader(cache_copy, skip_parts={"part-999999"})
 
 
+def _reseal_with_zlib_crc32(cache: Path) -> None:
+    """Rewrite every seal as a cache written before CRC32C records it: zlib's CRC-32, no
+    ``checksum`` key."""
+    import dataclasses
+
+    import zarr
+
+    from schemas.checksum import checksum, running_sample_checksums
+    from schemas.jsonio import write_json_atomic
+    from schemas.manifest import part_seal_path, read_seal
+
+    for entry in read_manifest(cache).parts:
+        path = part_seal_path(cache, entry)
+        seal = read_seal(path)
+        group = zarr.open_group(str(part_group_path(cache, entry)), mode="r")
+        offsets = np.asarray(group["sample_offsets"][...])
+        arrays = {}
+        for name, record in seal.arrays.items():
+            data = np.asarray(group[name][...])
+            if record.sample_crc32:
+                values = running_sample_checksums(data, offsets, "crc32")
+                arrays[name] = dataclasses.replace(record, crc32=values[-1], sample_crc32=values, checksum="crc32")
+            else:
+                arrays[name] = dataclasses.replace(record, crc32=checksum(data, 0, "crc32"), checksum="crc32")
+        legacy = dataclasses.replace(seal, arrays=arrays).to_dict()
+        assert all("checksum" not in record for record in legacy["arrays"].values())
+        write_json_atomic(path, legacy)
+
+
+def test_parts_sealed_with_zlib_crc32_still_validate_and_name_damage(cache_copy):
+    _reseal_with_zlib_crc32(cache_copy)
+    assert validate_cache(cache_copy, deep=True).ok
+    path = _shard_file(cache_copy, 0, "aux_hidden")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    report = validate_cache(cache_copy, deep=True)
+    assert not report.ok and report.damaged_parts == [read_manifest(cache_copy).parts[0]["name"]]
+    assert report.damage[0].array == "aux_hidden"
+
+
 def test_cheap_validation_catches_truncation_missing_seals_and_bad_offsets(cache_copy):
     manifest = read_manifest(cache_copy)
     path = _shard_file(cache_copy, 0, "aux_hidden")

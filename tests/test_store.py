@@ -18,7 +18,8 @@ from schemas.manifest import (
     read_manifest,
     write_manifest,
 )
-from schemas.store import CacheReader, crc32_of, write_part_group
+from schemas.checksum import checksum
+from schemas.store import CacheReader, write_part_group
 from stage_extract.writer import PartBuilder, SampleFeatures
 
 
@@ -75,7 +76,7 @@ def test_part_round_trip_is_bit_exact(tmp_path, vocab):
         assert np.array_equal(got["topk_ids"].astype(np.int64), sample.topk_ids)
         assert np.array_equal(got["topk_logprobs"].view(np.uint32), sample.topk_logprobs.view(np.uint32))
         assert reader.record_index(i) == sample.record_index
-    assert seal.arrays["aux_hidden"].crc32 == crc32_of(arrays["aux_hidden"])
+    assert seal.arrays["aux_hidden"].crc32 == checksum(arrays["aux_hidden"])
     expected_counts = {}
     for s in builder.samples:
         for token in s.input_ids[s.loss_mask.astype(bool)]:
