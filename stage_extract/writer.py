@@ -68,6 +68,41 @@ def _samples_finite(finite: np.ndarray, lengths: list[int]) -> np.ndarray:
     return ok
 
 
+class PlaneBuffers:
+    """Host arrays that parts' feature planes are concatenated into, reused from part to part.
+
+    A part's planes are ~0.2 GB for SmolLM2 and ~1 GB for an 8B target.  Copied into fresh
+    memory, every page of them is faulted in and zeroed by the kernel first, which costs about
+    as much as the copy itself; a buffer kept from an earlier part is written in place.  Each
+    worker holds one part's buffers at a time, so ``keep`` per plane (the worker threads) are
+    all that is ever reused; a part larger than every free buffer gets a new one, 1/8 larger
+    than it needs, so that parts of varying length soon all fit."""
+
+    def __init__(self, keep: int = 1):
+        self._keep = max(1, keep)
+        self._free: dict[tuple, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, name: str, rows: int, row_shape: tuple[int, ...], dtype) -> np.ndarray:
+        """A buffer of at least ``rows`` rows of plane ``name`` (the part's are its first ``rows``)."""
+        key = (name, tuple(row_shape), np.dtype(dtype).str)
+        with self._lock:
+            free = self._free.get(key, [])
+            for i, buffer in enumerate(free):
+                if len(buffer) >= rows:
+                    return free.pop(i)
+        return np.empty((rows + rows // 8,) + tuple(row_shape), dtype=dtype)
+
+    def give_back(self, borrowed: list[tuple[str, np.ndarray]]) -> None:
+        """Return ``(name, buffer)`` pairs from :meth:`take` once nothing reads them any more."""
+        with self._lock:
+            for name, buffer in borrowed:
+                free = self._free.setdefault((name, buffer.shape[1:], buffer.dtype.str), [])
+                free.append(buffer)
+                if len(free) > self._keep:
+                    free.pop(min(range(len(free)), key=lambda i: len(free[i])))  # keep the largest
+
+
 @dataclass
 class PartBuilder:
     """One part's samples plus the bookkeeping its seal needs.
@@ -85,6 +120,7 @@ class PartBuilder:
     pending: list[PendingSample] = field(default_factory=list)
     batches: list[HostBatch] = field(default_factory=list)
     widths: dict[str, int] = field(default_factory=dict)
+    borrowed: list[tuple[str, np.ndarray]] = field(default_factory=list)  # from PlaneBuffers, by arrays()
 
     def drop(self, record_index: int, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -123,10 +159,12 @@ class PartBuilder:
                 self.samples.append(sample)
         self.pending, self.batches = [], []
 
-    def arrays(self, pool: Executor | None = None) -> dict[str, np.ndarray]:
+    def arrays(self, pool: Executor | None = None, buffers: PlaneBuffers | None = None) -> dict[str, np.ndarray]:
         """The part's arrays, samples concatenated in order.  With ``pool`` the feature planes
         (about 1 GB a part for an 8B target) are copied into place by its threads, each sample's
-        rows a task (numpy copies release the GIL): one thread copies ~0.9 GB/s of fresh memory."""
+        rows a task (numpy copies release the GIL): one thread copies ~0.9 GB/s of fresh memory.
+        With ``buffers`` the planes are views of buffers taken from it, listed in
+        :attr:`borrowed` for the caller to give back once the part is written."""
         lengths = [len(s.input_ids) for s in self.samples]
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -147,8 +185,14 @@ class PartBuilder:
             if not self.samples:
                 arrays[name] = np.zeros((0, self.widths.get(name, 0)), _EMPTY_DTYPES[name])
                 continue
-            first = getattr(self.samples[0], name)
-            out = arrays[name] = np.empty((int(offsets[-1]),) + first.shape[1:], dtype=first.dtype)
+            first, rows = getattr(self.samples[0], name), int(offsets[-1])
+            if buffers is None:
+                out = np.empty((rows,) + first.shape[1:], dtype=first.dtype)
+            else:
+                buffer = buffers.take(name, rows, first.shape[1:], first.dtype)
+                self.borrowed.append((name, buffer))
+                out = buffer[:rows]
+            arrays[name] = out
             for i, sample in enumerate(self.samples):
                 rows, plane = out[offsets[i] : offsets[i + 1]], getattr(sample, name)
                 if pool is None:
@@ -226,6 +270,7 @@ class BackgroundPartWriter:
         self._teacher = teacher
         self._aux_compression = aux_compression
         self._pool = encode_pool(encode_threads)
+        self._buffers = PlaneBuffers(keep=max(1, threads))
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None  # the error of the lowest part that failed
         self._error_where: Path = worker_dir  # that part's group
@@ -263,7 +308,7 @@ class BackgroundPartWriter:
                 continue
             try:
                 builder.collect()
-                arrays = builder.arrays(self._pool)
+                arrays = builder.arrays(self._pool, self._buffers)
                 builder.release_planes()
                 records = write_part_group(
                     self._dir, part_name(builder.index), arrays, self._vocab_size,
@@ -271,7 +316,9 @@ class BackgroundPartWriter:
                     aux_compression=self._aux_compression, pool=self._pool, sync=False,
                 )
                 seal = builder.seal(arrays, records, source_stats)
-                del arrays
+                del arrays  # written: every encoding and checksum task has read them
+                self._buffers.give_back(builder.borrowed)
+                builder.borrowed = []
                 with self._turn:  # the part due next always passes: later ones wait on it
                     self._turn.wait_for(lambda: self._halted(builder.index) or self._unsealed < self._max_unsealed
                                         or builder.index == self._next_seal)

@@ -12,7 +12,7 @@ import zarr
 
 import stage_extract.writer as writer_module
 from schemas.manifest import group_path, read_seal, seal_path
-from stage_extract.writer import BackgroundPartWriter, CacheWriteError, PartBuilder, SampleFeatures
+from stage_extract.writer import BackgroundPartWriter, CacheWriteError, PartBuilder, PlaneBuffers, SampleFeatures
 
 VOCAB = 300
 
@@ -201,3 +201,43 @@ def test_a_resumed_writer_seals_from_its_first_part_on(tmp_path):
     assert _close_within(writer) is None
     assert [seal.index for seal in writer.sealed] == [3, 4, 5, 6]
     assert [seal_path(tmp_path, f"part-{i:06d}").is_file() for i in range(7)] == [False] * 3 + [True] * 4
+
+
+def test_plane_buffers_are_reused_per_plane_and_grow():
+    buffers = PlaneBuffers(keep=1)
+    first = buffers.take("aux_hidden", 100, (12,), np.uint16)
+    assert first.shape == (112, 12) and first.dtype == np.uint16  # 1/8 spare rows
+    buffers.give_back([("aux_hidden", first)])
+    assert buffers.take("aux_hidden", 110, (12,), np.uint16) is first  # fits in the spare rows
+    assert buffers.take("aux_hidden", 10, (12,), np.uint16) is not first  # taken: never shared
+    buffers.give_back([("aux_hidden", first)])
+    assert buffers.take("topk_ids", 10, (12,), np.uint16) is not first  # another plane
+    larger = buffers.take("aux_hidden", 200, (12,), np.uint16)
+    assert larger is not first and len(larger) == 225
+    buffers.give_back([("aux_hidden", larger)])  # keep=1: the larger one stays
+    assert buffers.take("aux_hidden", 50, (12,), np.uint16) is larger
+
+
+def test_parts_written_through_reused_buffers_keep_their_own_rows(tmp_path):
+    """One writer thread, parts long, short, long: each part's rows only, none left from before."""
+    rng = np.random.default_rng(9)
+    builders = [_builder(index, rng) for index in range(3)]
+    builders[1].samples = builders[1].samples[:1]
+    builders[1].samples[0].aux_hidden = builders[1].samples[0].aux_hidden[:1]
+    builders[1].samples[0].input_ids = builders[1].samples[0].input_ids[:1]
+    builders[1].samples[0].loss_mask = builders[1].samples[0].loss_mask[:1]
+    builders[1].samples[0].topk_ids = builders[1].samples[0].topk_ids[:1]
+    builders[1].samples[0].topk_logprobs = builders[1].samples[0].topk_logprobs[:1]
+    expected = [np.concatenate([s.aux_hidden for s in b.samples]) for b in builders]
+    writer = BackgroundPartWriter(tmp_path, VOCAB, threads=1, sync_threads=1)
+    taken = []
+    original_take = writer._buffers.take
+    writer._buffers.take = lambda *args: taken.append(original_take(*args)) or taken[-1]
+    for builder in builders:
+        writer.submit(builder, {})
+    assert _close_within(writer) is None
+    for index, want in enumerate(expected):
+        stored = zarr.open_array(str(group_path(tmp_path, f"part-{index:06d}") / "aux_hidden"), mode="r")[...]
+        assert np.array_equal(np.asarray(stored).view(np.uint16), want)
+    aux = [buffer for buffer in taken if buffer.shape[1:] == (12,)]
+    assert len(aux) == 3 and aux[1] is aux[0]  # the short part reused the first part's buffer
