@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.disk_speed import disk_bandwidths  # noqa: E402
 from bench.common import aux_layers_for, build_llama_8b, markdown_table, resolve, smollm2_tokenizer, sync, synthetic_chats  # noqa: E402
+from bench.thread_cpu import thread_cpu  # noqa: E402
 
 
 def tokenised(data: Path, tokenizer, max_length: int, limit: int | None):
@@ -303,8 +304,11 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, g
             sync(device)
             started = time.perf_counter()
             sampler = thread_sampler() if args.sample_threads else contextlib.nullcontext()
-            with phase_timers() as phases, sampler:
+            cpu = thread_cpu() if args.thread_cpu else contextlib.nullcontext()
+            with phase_timers() as phases, sampler, cpu as cpu_report:
                 summary = extract_with_model(cfg, tokenizer, model, device=device, dtype=dtype)
+            if cpu_report is not None:
+                print(f"{name} {setting}: {cpu_report.table()}", file=sys.stderr)
             sync(device)
             seconds = time.perf_counter() - started
             run = summary["tokens"] / seconds
@@ -365,6 +369,9 @@ def main() -> None:
     parser.add_argument("--no-compare-eager", dest="compare_eager", action="store_false",
                         help="skip timing the eager forwards beside the CUDA-graph ones")
     parser.add_argument("--tokenizer-workers", type=int, default=0, help="talon extract --tokenizer-workers")
+    parser.add_argument("--thread-cpu", action="store_true",
+                        help="print the cores each thread group (encoding pool, part writers, main thread, CUDA's and "
+                             "the tokenizer's native threads...) kept busy during each run, and the whole host's busy share")
     parser.add_argument("--sample-threads", action="store_true",
                         help="print where the run's main thread and its tokenizer feeder spend their time (stack samples every 10 ms)")
     args = parser.parse_args()

@@ -29,6 +29,7 @@ minute on a 2-core CPU; scale with ``--tokens``, ``--part-tokens``, ``--threads`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
 import shutil
@@ -45,6 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import markdown_table  # noqa: E402
+from bench.thread_cpu import thread_cpu  # noqa: E402
 from pipeline.batching import length_sorted_batches  # noqa: E402
 from schemas.layout import row_widths  # noqa: E402
 from schemas.store import _inner_rows, write_part_group  # noqa: E402
@@ -172,12 +174,15 @@ def time_handoff(parts, args, work: Path, widths, busy: float, compression: str 
     if hog:
         hog.__enter__()
     try:
-        cpu, started = time.process_time(), time.perf_counter()
-        writer = BackgroundPartWriter(out, args.vocab, "bf16", "topk", max_pending=2, threads=args.threads, **extra)
-        for index, part in enumerate(parts):
-            writer.submit(builder_for(part, index, widths), {"records_read": 0})
-        writer.close()
-        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        with thread_cpu() if args.thread_cpu else contextlib.nullcontext() as cpu_report:
+            cpu, started = time.process_time(), time.perf_counter()
+            writer = BackgroundPartWriter(out, args.vocab, "bf16", "topk", max_pending=2, threads=args.threads, **extra)
+            for index, part in enumerate(parts):
+                writer.submit(builder_for(part, index, widths), {"records_read": 0})
+            writer.close()
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        if cpu_report is not None:
+            print(f"hand-off: {cpu_report.table()}", file=sys.stderr)
     finally:
         if hog:
             hog.__exit__()
@@ -212,6 +217,8 @@ def main() -> None:
     parser.add_argument("--pool-rows", type=int, default=4096, help="distinct synthetic token rows (samples are slices of them)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only-handoff", action="store_true", help="stop after the hand-off rows (e.g. under a profiler)")
+    parser.add_argument("--thread-cpu", action="store_true",
+                        help="print the cores each thread group kept busy during the hand-off, and the host's busy share")
     args = parser.parse_args()
     from stage_extract.run import writer_parallelism
 

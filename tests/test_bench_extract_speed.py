@@ -39,3 +39,30 @@ def test_sustained_rate_counts_from_the_end_of_the_first_quarter():
     # the 2nd seal ends the first quarter: 6 parts of 100 tokens from t=5 to t=11
     assert sustained_rate(seals) == pytest.approx(600 / 6.0)
     assert sustained_rate(seals[:3]) is None
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/task").is_dir(), reason="reads Linux /proc")
+def test_thread_cpu_attributes_a_busy_thread_to_its_group():
+    import threading
+    import time
+
+    from bench.thread_cpu import group_of, thread_cpu
+
+    assert group_of("talon-encode_3") == "talon-encode" and group_of("talon-part-writer-12") == "talon-part-writer"
+    assert group_of("MainThread") == "MainThread"
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds  # this thread's own CPU time
+        while time.thread_time() < end:
+            pass
+
+    with thread_cpu(interval=0.05) as report:
+        worker = threading.Thread(target=spin, args=(0.3,), name="bench-spin-0")
+        worker.start()
+        worker.join()
+    # the spinning thread burnt >= 0.3 CPU-seconds, counted whether read before or after it ended
+    spun = report.groups.get("bench-spin", 0.0) + report.groups.get("(ended unread)", 0.0)
+    assert spun * report.wall >= 0.2
+    assert report.process * report.wall >= spun * report.wall - 0.05
+    assert 0.0 <= report.host_busy <= 1.0
+    assert "bench-spin" in report.table() or "(ended unread)" in report.table()
