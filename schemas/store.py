@@ -51,6 +51,8 @@ from schemas.manifest import (
 
 INNER_CHUNK_BYTES = 1 << 20
 ENCODE_TASK_BYTES = 8 << 20  # inner chunks per pool task: fewer GIL round trips per byte
+WRITE_BATCH_BYTES = 16 << 20  # encoded chunks per write call
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 SAMPLE_FIELDS = ("input_ids", "loss_mask", "aux_hidden", "topk_ids", "topk_logprobs", "final_hidden")
 FEATURE_ARRAYS = ("aux_hidden", "final_hidden")  # the planes --aux-compression applies to
 
@@ -173,32 +175,55 @@ def _encode_chunks(codec, data: np.ndarray, starts: range, rows: int) -> list:
     return out
 
 
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """``os.writev`` until every byte of ``views`` is written (a call may write fewer)."""
+    while views:
+        written = os.writev(fd, views[:IOV_MAX])
+        while views and written >= views[0].nbytes:
+            written -= views[0].nbytes
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
+
+
 def _write_shard(path: Path, tasks: list, n_chunks: int) -> None:
     """Write a ``sharding_indexed`` shard: the present inner chunks in order (zarr's morton order
     is plain row order for a column of chunks), then the ``(offset, nbytes)`` uint64 index with
     its CRC32C.  No file when every chunk is absent, as zarr does.  ``tasks`` are futures of
-    :func:`_encode_chunks`, in chunk order."""
+    :func:`_encode_chunks`, in chunk order.  The chunks (~1 MB each) reach the file
+    :data:`WRITE_BATCH_BYTES` at a time, in one ``writev`` call: on an H200 host's disk, three
+    threads writing parts in 16 MiB writes reached 1,771 MB/s against 1,532 in 0.75 MB writes
+    (``bench/disk_speed.py --write-mb``; one thread: 1,247 against 1,221)."""
     index = np.full((n_chunks, 2), EMPTY_CHUNK, dtype="<u8")
-    offset = 0
-    handle = None
-    chunks = (encoded for task in tasks for encoded in task.result())
+    offset, position, fd = 0, 0, None
+    batch: list[memoryview] = []
     try:
-        for position, encoded in enumerate(chunks):
-            if encoded is None:
-                continue
-            if handle is None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                handle = open(path, "wb")
-            nbytes = memoryview(encoded).nbytes
-            handle.write(encoded)
-            index[position] = (offset, nbytes)
-            offset += nbytes
-        if handle is not None:
-            raw = index.tobytes()
-            handle.write(raw + crc32c_of_bytes(raw).to_bytes(4, "little"))
+        for task in tasks:
+            for encoded in task.result():
+                if encoded is not None:
+                    view = memoryview(encoded).cast("B")
+                    index[position] = (offset, view.nbytes)
+                    offset += view.nbytes
+                    batch.append(view)
+                position += 1
+            if sum(view.nbytes for view in batch) >= WRITE_BATCH_BYTES:
+                fd = fd if fd is not None else _create_file(path)
+                _write_all(fd, batch)
+                batch = []
+        if fd is None and not batch:
+            return  # every chunk absent
+        raw = index.tobytes()
+        batch.append(memoryview(raw + crc32c_of_bytes(raw).to_bytes(4, "little")))
+        fd = fd if fd is not None else _create_file(path)
+        _write_all(fd, batch)
     finally:
-        if handle is not None:
-            handle.close()
+        if fd is not None:
+            os.close(fd)
+
+
+def _create_file(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
 
 
 @functools.lru_cache(maxsize=None)

@@ -169,14 +169,30 @@ def test_fp8_part_decodes_to_the_reference_bits_for_any_read_path(tmp_path):
 
 @pytest.mark.parametrize("aux_compression", ["blosc-zstd", "zstd", "lz4", "none"])
 @pytest.mark.parametrize("feature_dtype", ["bf16", "fp8"])
-def test_direct_shard_writes_equal_zarr_writes(tmp_path, monkeypatch, aux_compression, feature_dtype):
+@pytest.mark.parametrize("writes", ["batched", "small batches, partial"])
+def test_direct_shard_writes_equal_zarr_writes(tmp_path, monkeypatch, aux_compression, feature_dtype, writes):
     """write_part_group writes each shard itself (compressing on a thread pool); the files must
     be byte for byte those zarr's own `array[...] = data` writes: padded last chunks, all-fill
-    chunks left out (no shard at all when every chunk is), -0.0 kept, uint16/uint32 ids."""
+    chunks left out (no shard at all when every chunk is), -0.0 kept, uint16/uint32 ids.  Also
+    when every pool task's chunks are written on their own, by ``writev`` calls that each write
+    only part of what they are given."""
+    import os
+
     import schemas.store
     from schemas.shard import ShardArray
 
     monkeypatch.setattr(schemas.store, "INNER_CHUNK_BYTES", 64 * 24)  # 64-row inner chunks
+    calls = []
+    if writes != "batched":
+        monkeypatch.setattr(schemas.store, "ENCODE_TASK_BYTES", 1)  # one chunk per task
+        monkeypatch.setattr(schemas.store, "WRITE_BATCH_BYTES", 4000)  # a few ~1.5 KB chunks a write
+        real_writev = os.writev
+
+        def short_writev(fd, views):
+            calls.append(len(views))
+            return real_writev(fd, [memoryview(views[0])[:777]])  # at most 777 bytes a call
+
+        monkeypatch.setattr(os, "writev", short_writev)
     rng = np.random.default_rng(7)
     builder = PartBuilder(index=0, first_record=0)
     builder.samples = _random_samples(rng, 30, 70000)
@@ -200,6 +216,9 @@ def test_direct_shard_writes_equal_zarr_writes(tmp_path, monkeypatch, aux_compre
     for path, data in written[True][0].items():
         assert data == written[False][0][path], path
     assert written[True][1] == written[False][1]
+    if writes != "batched":  # several chunks per shard, each in several calls
+        shards = [path for path in written[True][0] if path.name != "zarr.json"]
+        assert len(calls) > 3 * len(shards) and max(calls) > 1
     group = tmp_path / "direct" / "parts" / "part-000000.zarr"
     assert not (group / "loss_mask" / "c").exists()
     aux = ShardArray.open(group / "aux_hidden")
