@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.disk_speed import disk_bandwidths  # noqa: E402
 from bench.common import aux_layers_for, build_llama_8b, markdown_table, resolve, smollm2_tokenizer, sync, synthetic_chats  # noqa: E402
-from bench.thread_cpu import thread_cpu  # noqa: E402
+from bench.thread_probes import thread_cpu, thread_sampler  # noqa: E402
 
 
 def tokenised(data: Path, tokenizer, max_length: int, limit: int | None):
@@ -195,52 +195,6 @@ def phase_timers():
     finally:
         for owner, attr, original in saved:
             setattr(owner, attr, original)
-
-
-@contextlib.contextmanager
-def thread_sampler(interval: float = 0.01, top: int = 12, threads: tuple[str, ...] = ("MainThread", "talon-prefetch")):
-    """Where the named threads are, sampled every ``interval`` seconds while the block runs;
-    prints, per thread, the ``top`` places (innermost frame in the repository's own code, and the
-    innermost frame) with their share of the samples.  A place inside a call that holds the GIL,
-    or waits for it, shows up as long as it lasts, which is what the phase timers cannot see."""
-    import collections
-
-    repo = str(Path(__file__).resolve().parents[1])
-    counts: dict[str, collections.Counter] = {name: collections.Counter() for name in threads}
-    stop = threading.Event()
-
-    def own(filename: str) -> bool:
-        return filename.startswith(repo) and not any(part in filename for part in ("/bench/", "-packages/", "/.venv/"))
-
-    def place(frame) -> str:
-        inner = f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}:{frame.f_lineno}"
-        ours = frame
-        while ours is not None and not own(ours.f_code.co_filename):
-            ours = ours.f_back
-        if ours is None or ours is frame:
-            return inner
-        return f"{Path(ours.f_code.co_filename).name}:{ours.f_code.co_name}:{ours.f_lineno} > {inner}"
-
-    def sample() -> None:
-        while not stop.wait(interval):
-            names = {thread.ident: thread.name for thread in threading.enumerate()}
-            for ident, frame in sys._current_frames().items():
-                name = names.get(ident)
-                if name in counts:
-                    counts[name][place(frame)] += 1
-
-    thread = threading.Thread(target=sample, name="thread-sampler", daemon=True)
-    thread.start()
-    try:
-        yield counts
-    finally:
-        stop.set()
-        thread.join()
-        for name, counter in counts.items():
-            total = max(1, sum(counter.values()))
-            print(f"thread {name}, {total} samples every {interval * 1e3:.0f} ms:", file=sys.stderr)
-            for where, n in counter.most_common(top):
-                print(f"  {100 * n / total:5.1f}%  {where}", file=sys.stderr)
 
 
 def sustained_rate(seals: list[tuple[float, int]], warm_share: float = 0.25) -> float | None:

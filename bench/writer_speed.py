@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import markdown_table  # noqa: E402
-from bench.thread_cpu import thread_cpu  # noqa: E402
+from bench.thread_probes import thread_cpu  # noqa: E402
 from pipeline.batching import length_sorted_batches  # noqa: E402
 from schemas.layout import row_widths  # noqa: E402
 from schemas.store import _inner_rows, write_part_group  # noqa: E402

@@ -36,7 +36,8 @@ def validate_command(
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
 ) -> None:
     """Check every part against its seal and the manifest (counts, offsets, shapes, dtypes, sizes,
-    and the CRC32 checksums recorded at write time) and name the part, array and sample of any
+    and the CRC32C checksums, zlib CRC-32 in caches before schema 3, recorded at write time) and name
+    the part, array and sample of any
     damage.  Exits 1 when damage is found."""
     from schemas.manifest import CacheError
     from schemas.validate import validate_cache

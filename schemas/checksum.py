@@ -4,10 +4,10 @@ Two CRC-32 polynomials, both chainable (``checksum(b, checksum(a)) == checksum(a
 lets a part's per-token arrays record one running value per sample in a single pass:
 
 * ``crc32c`` (Castagnoli, what Zarr's shard index uses too): computed with the CPU's CRC
-  instructions by the ``crc32c`` package, ~9 GB/s a core with the GIL released.  What new parts
-  record.
+  instructions by the ``crc32c`` package, ~9 GB/s a core with the GIL released.  What the parts
+  of schema version 3 caches record.
 * ``crc32`` (zlib's): ~1.4 GB/s a core, a fifth of a part writer's CPU time on SmolLM2's
-  features.  What parts written before ``crc32c`` record; still checked.
+  features.  What the parts of older caches record, also when such a cache is resumed.
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ import numpy as np
 CHECKSUMS = ("crc32", "crc32c")
 DEFAULT_CHECKSUM = "crc32c"
 LEGACY_CHECKSUM = "crc32"  # what a record without a ``checksum`` key used
+
+
+def checksum_for_schema(schema_version: int) -> str:
+    """What the parts of a cache of this schema version record (see :mod:`schemas.layout`)."""
+    return DEFAULT_CHECKSUM if schema_version >= 3 else LEGACY_CHECKSUM
 
 
 def _bytes_of(array: np.ndarray) -> np.ndarray:

@@ -31,9 +31,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Version 2 added fp8 aux states, the final-hidden teacher, multi-worker caches (parts with
-# paths) and per-sample checksums.  Version 1 caches (bf16, top-k, parts/ only) are still read.
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# paths) and per-sample checksums.  Version 3 checksums parts with CRC32C instead of zlib's CRC-32
+# (a Talon that reads only 1 and 2 would take every new checksum for damage, so it refuses
+# version 3 instead); a version 2 cache resumed by this version stays version 2, zlib's CRC-32
+# included.  Version 1 caches (bf16, top-k, parts/ only) are still read.
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 
 EXTRACT_SPEC_FILE = "extract.json"
 MANIFEST_FILE = "manifest.json"

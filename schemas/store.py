@@ -8,14 +8,15 @@ ambient ``zarr.config``; the feature planes' codec is the cache's ``aux_compress
 metadata from templates zarr makes once per array kind, the shards with their chunks compressed
 on a shared thread pool.
 
-Checksums are computed from the bytes handed to Zarr, in one pass per array: a running CRC32
-recorded after every sample (see :class:`schemas.manifest.ArrayRecord`), whose last value is the
-whole array's CRC32.
+Checksums are computed from the bytes handed to Zarr, in one pass per array: a running CRC
+(:mod:`schemas.checksum`; ``checksum_name`` of :func:`write_part_group`) recorded after every
+sample (see :class:`schemas.manifest.ArrayRecord`), whose last value is the whole array's.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import json
 import os
@@ -52,7 +53,7 @@ from schemas.manifest import (
 INNER_CHUNK_BYTES = 1 << 20
 ENCODE_TASK_BYTES = 8 << 20  # inner chunks per pool task: fewer GIL round trips per byte
 WRITE_BATCH_BYTES = 16 << 20  # encoded chunks per write call
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+IOV_MAX = max(16, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 1024  # -1: no stated limit
 SAMPLE_FIELDS = ("input_ids", "loss_mask", "aux_hidden", "topk_ids", "topk_logprobs", "final_hidden")
 FEATURE_ARRAYS = ("aux_hidden", "final_hidden")  # the planes --aux-compression applies to
 
@@ -179,6 +180,8 @@ def _write_all(fd: int, views: list[memoryview]) -> None:
     """``os.writev`` until every byte of ``views`` is written (a call may write fewer)."""
     while views:
         written = os.writev(fd, views[:IOV_MAX])
+        if written == 0:
+            raise OSError(errno.EIO, "writev wrote nothing")
         while views and written >= views[0].nbytes:
             written -= views[0].nbytes
             views.pop(0)
@@ -274,6 +277,7 @@ def write_part_group(
     pool: Executor | None = None,
     direct: bool = True,
     sync: bool = True,
+    checksum_name: str = DEFAULT_CHECKSUM,
 ) -> dict[str, ArrayRecord]:
     """Write one part's arrays into ``<worker_dir>/parts/<name>.zarr`` and return their
     checksummed records.  An existing, unsealed group of the same name (left by a killed run)
@@ -319,7 +323,7 @@ def write_part_group(
                                        shards=(shard_rows,) + data.shape[1:], compressors=compressors or None,
                                        fill_value=0, attributes=attributes)
         # the longest task (a whole-array checksum) first, then the chunks
-        crcs = pool.submit(running_sample_checksums, data, offsets) if spec.per_token else None
+        crcs = pool.submit(running_sample_checksums, data, offsets, checksum_name) if spec.per_token else None
         encoded = []
         if data.size and direct:
             codec = get_codec(dict(codec_config)) if codec_config else None
@@ -336,8 +340,8 @@ def write_part_group(
         sample_crcs = crcs.result() if crcs is not None else ()
         records[spec.name] = ArrayRecord(
             shape=tuple(int(s) for s in data.shape),
-            crc32=sample_crcs[-1] if sample_crcs else checksum(data),
-            checksum=DEFAULT_CHECKSUM,
+            crc32=sample_crcs[-1] if sample_crcs else checksum(data, 0, checksum_name),
+            checksum=checksum_name,
             stored_bytes=dir_bytes(path / spec.name),
             dtype=spec.storage_dtype,
             sample_crc32=sample_crcs,

@@ -10,7 +10,7 @@ Two depths, one function (:func:`validate_cache`):
   worker; the bytes on disk are exactly the bytes written; ``target_head.safetensors`` holds
   what the settings need.
 * **deep** (``deep=True``, ``talon validate``): additionally decodes every array and compares
-  the CRC32 recorded at write time, sample by sample, so the report names the first damaged
+  the CRC recorded at write time, sample by sample, so the report names the first damaged
   sample (its part, array, index in the part, global index and record).
 
 Damage is reported, not raised: :meth:`ValidationReport.require_ok` turns it into a

@@ -27,6 +27,7 @@ class ResumeState:
     seals: list[PartSeal]
     complete: bool  # this worker finished (its worker.json exists)
     merged: bool  # the cache manifest exists
+    schema_version: int  # the cache's (an older cache resumed keeps its own)
 
     @property
     def last_record(self) -> int:
@@ -50,7 +51,9 @@ def remove_temp_files(folder: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _ensure_spec(folder: Path, spec: ExtractSpec, what: str) -> None:
+def _ensure_spec(folder: Path, spec: ExtractSpec, what: str) -> ExtractSpec:
+    """The spec ``folder`` holds: written from ``spec`` if it has none, else its own, which must
+    not differ from ``spec`` in target or settings (its schema version may be older)."""
     path = folder / EXTRACT_SPEC_FILE
     if path.is_file():
         existing = ExtractSpec.from_dict(read_json(path))
@@ -60,8 +63,9 @@ def _ensure_spec(folder: Path, spec: ExtractSpec, what: str) -> None:
                 f"{what} {folder} already holds an extraction with other settings; use another --out, or the "
                 "same settings to resume it. Differences:\n  " + "\n  ".join(diffs)
             )
-        return
+        return existing
     write_json_atomic(path, spec.to_dict())
+    return spec
 
 
 def resumed_setting(cache_dir: Path, name: str, requested: str) -> str:
@@ -92,10 +96,10 @@ def prepare_cache_dir(cache_dir: Path, spec: ExtractSpec, shard: Shard | None = 
             if foreign:
                 raise CacheError(f"{cache_dir} exists and is not a Talon cache; refusing to write into it")
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _ensure_spec(cache_dir, spec, "the cache")
+        spec = _ensure_spec(cache_dir, spec, "the cache")  # a worker joining an older cache writes its version
         if worker_dir != cache_dir:
             worker_dir.mkdir(parents=True, exist_ok=True)
-            _ensure_spec(worker_dir, spec, "the worker directory")
+            spec = _ensure_spec(worker_dir, spec, "the worker directory")
         # Temp files under the root are removed only by a single worker: with several, another
         # worker's rename may still be pending.  A worker's own directory is its alone.
         if shard.count == 1:
@@ -114,4 +118,5 @@ def prepare_cache_dir(cache_dir: Path, spec: ExtractSpec, shard: Shard | None = 
         seals=seals,
         complete=worker_file(worker_dir).is_file(),
         merged=(cache_dir / MANIFEST_FILE).is_file(),
+        schema_version=spec.schema_version,
     )

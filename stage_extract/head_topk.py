@@ -18,6 +18,7 @@ logits aside (their order among themselves is the top-k kernel's).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -30,14 +31,20 @@ def topk_from_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 
 
 def row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """float32 ``logsumexp`` of each row of a 2-D tensor: NaN where a row holds a NaN, as
-    ``torch.logsumexp``."""
+    """float32 ``logsumexp`` of each row of a 2-D tensor: NaN where a row holds a NaN or a +inf
+    (``torch.logsumexp`` gives +inf for the latter; the log-probs are non-finite either way)."""
     kernel = _triton_kernel() if logits.is_cuda and logits.dim() == 2 and logits.stride(-1) == 1 else None
     if kernel is None:
         return torch.logsumexp(logits.float(), dim=-1)
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     if logits.shape[0]:
-        kernel[(logits.shape[0],)](logits, out, logits.shape[1], logits.stride(0), BLOCK=2048, num_warps=8)
+        try:
+            with torch.cuda.device(logits.device):
+                kernel[(logits.shape[0],)](logits, out, logits.shape[1], logits.stride(0), BLOCK=2048, num_warps=8)
+        except Exception as err:  # Triton present but unable to build or launch here: the same sum, unfused
+            warnings.warn(f"the fused log-sum-exp kernel failed ({type(err).__name__}: {err}); using torch.logsumexp",
+                          RuntimeWarning, stacklevel=2)
+            return torch.logsumexp(logits.float(), dim=-1)
     return out
 
 

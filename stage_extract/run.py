@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import ExtractConfig
 from pipeline.runtime import compute_dtype, resolve_device
+from schemas.checksum import checksum_for_schema
 from schemas.layout import FINAL_HIDDEN_CONVENTION, SCHEMA_VERSION, TARGET_HEAD_FILE, has_final_hidden, row_widths
 from schemas.manifest import CacheManifest, ExtractSettings, ExtractSpec, read_manifest, read_sealed_parts
 from stage_extract.cache_dir import prepare_cache_dir, resumed_setting
@@ -187,7 +188,8 @@ def _extract_shard(cfg: ExtractConfig, tokenizer, backend: FeatureBackend, vocab
     stats = RecordStats()
     widths = row_widths(hidden_size, cfg.top_k, cfg.feature_dtype, cfg.teacher)
     writer = BackgroundPartWriter(state.worker_dir, vocab_size, cfg.feature_dtype, cfg.teacher,
-                                  aux_compression=cfg.aux_compression, **writer_parallelism(backend.device))
+                                  aux_compression=cfg.aux_compression, checksum_name=checksum_for_schema(state.schema_version),
+                                  **writer_parallelism(backend.device))
     transfer = HostTransfer(backend.device)
     builder: PartBuilder | None = None
     pending_tokens = 0

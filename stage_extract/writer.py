@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from schemas.checksum import DEFAULT_CHECKSUM
 from schemas.layout import DEFAULT_AUX_COMPRESSION, part_name
 from schemas.manifest import PartSeal, write_seal
 from schemas.store import encode_pool, fsync_tree, group_path, write_part_group
@@ -263,12 +264,14 @@ class BackgroundPartWriter:
 
     def __init__(self, worker_dir: Path, vocab_size: int, feature_dtype: str = "bf16", teacher: str = "topk",
                  max_pending: int = 2, threads: int = 1, encode_threads: int | None = None,
-                 aux_compression: str = DEFAULT_AUX_COMPRESSION, sync_threads: int = 2, max_unsealed: int | None = None):
+                 aux_compression: str = DEFAULT_AUX_COMPRESSION, sync_threads: int = 2, max_unsealed: int | None = None,
+                 checksum_name: str = DEFAULT_CHECKSUM):
         self._dir = Path(worker_dir)
         self._vocab_size = vocab_size
         self._feature_dtype = feature_dtype
         self._teacher = teacher
         self._aux_compression = aux_compression
+        self._checksum_name = checksum_name
         self._pool = encode_pool(encode_threads)
         self._buffers = PlaneBuffers(keep=max(1, threads))
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
@@ -314,6 +317,7 @@ class BackgroundPartWriter:
                     self._dir, part_name(builder.index), arrays, self._vocab_size,
                     feature_dtype=self._feature_dtype, teacher=self._teacher,
                     aux_compression=self._aux_compression, pool=self._pool, sync=False,
+                    checksum_name=self._checksum_name,
                 )
                 seal = builder.seal(arrays, records, source_stats)
                 del arrays  # written: every encoding and checksum task has read them
@@ -327,7 +331,10 @@ class BackgroundPartWriter:
                     self._unsealed += 1
                 self._sync.submit(self._flush_and_seal, seal)
             except BaseException as err:  # surfaced to the caller, never swallowed
-                arrays = None  # the error's traceback keeps this frame: free the part's arrays
+                # The error's traceback keeps this frame: free the part's arrays.  Its buffers
+                # are not reused (a task may still read them), only dropped.
+                arrays = None
+                builder.borrowed = []
                 self._fail(err, builder.index)
 
     def _flush_and_seal(self, seal: PartSeal) -> None:

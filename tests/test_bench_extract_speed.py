@@ -46,7 +46,7 @@ def test_thread_cpu_attributes_a_busy_thread_to_its_group():
     import threading
     import time
 
-    from bench.thread_cpu import group_of, thread_cpu
+    from bench.thread_probes import group_of, thread_cpu
 
     assert group_of("talon-encode_3") == "talon-encode" and group_of("talon-part-writer-12") == "talon-part-writer"
     assert group_of("MainThread") == "MainThread"

@@ -131,6 +131,43 @@ def test_interrupted_extraction_resumes_to_identical_bytes(tiny_target_dir, chat
         assert fresh.record_index(i) == resumed.record_index(i)
 
 
+def test_a_schema_2_cache_resumed_stays_schema_2_with_zlib_crc32(tiny_target_dir, chat_jsonl, tiny_cache, tmp_path,
+                                                                 monkeypatch):
+    """A cache started by a Talon that wrote schema 2 (zlib's CRC-32) and resumed by this one
+    keeps its version and checksum, so the Talon that started it can still validate it; a new
+    cache is schema 3 with CRC32C."""
+    import stage_extract.run
+    from schemas.manifest import part_seal_path, read_seal
+    from schemas.validate import validate_cache
+
+    original = schemas.store.write_part_group
+    calls = {"n": 0}
+
+    def dies_on_third_part(cache_dir, name, arrays, vocab_size, **settings):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return original(cache_dir, name, arrays, vocab_size, **settings)
+
+    out = tmp_path / "old"
+    monkeypatch.setattr(stage_extract.run, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(stage_extract.writer, "write_part_group", dies_on_third_part)
+    with pytest.raises(RuntimeError, match="No space left"):
+        run_extract(extract_config(out, tiny_target_dir, chat_jsonl))
+    monkeypatch.undo()  # this version's schema and writer from here on
+    summary = run_extract(extract_config(out, tiny_target_dir, chat_jsonl))
+    assert summary["resumed_parts"] == 2
+    manifest = read_manifest(out)
+    assert manifest.schema_version == 2
+    checksums = {record.checksum for entry in manifest.parts
+                 for record in read_seal(part_seal_path(out, entry)).arrays.values()}
+    assert checksums == {"crc32"}
+    assert validate_cache(out, deep=True).ok
+    assert read_manifest(tiny_cache).schema_version == 3
+    assert {record.checksum for entry in read_manifest(tiny_cache).parts
+            for record in read_seal(part_seal_path(tiny_cache, entry)).arrays.values()} == {"crc32c"}
+
+
 def test_rerun_with_other_settings_is_refused(tiny_target_dir, chat_jsonl, tiny_cache):
     with pytest.raises(CacheError, match="top_k: existing 8, requested 4"):
         run_extract(extract_config(tiny_cache, tiny_target_dir, chat_jsonl, top_k=4))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
-from stage_extract.head_topk import row_logsumexp, topk_from_logits
+from stage_extract.head_topk import _triton_kernel, row_logsumexp, topk_from_logits
 
 
 def reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +56,7 @@ def test_empty_input_gives_empty_outputs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_fused_row_logsumexp_equals_torch_on_cuda(dtype):
+    assert _triton_kernel() is not None, "Triton is missing: this would compare torch.logsumexp with itself"
     gen = torch.Generator().manual_seed(1)
     # widths below, at and across the kernel's 2,048-lane block, and the two real vocabularies
     for vocab in (7, 2048, 2049, 49152, 128256):
@@ -62,10 +65,16 @@ def test_fused_row_logsumexp_equals_torch_on_cuda(dtype):
         logits[4] = float("-inf")  # an all -inf row: -inf, as torch.logsumexp
         logits[5, vocab - 1] = float("nan")
         logits[6, 0] = 60.0  # one dominant logit
-        got = row_logsumexp(logits.cuda()).cpu()
+        logits[7, vocab // 3] = float("inf")
+        if dtype != torch.float16:  # magnitudes near the dtype's largest (float16's would overflow)
+            logits[8] = logits[8].sign() * 3e38
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = row_logsumexp(logits.cuda()).cpu()
+        assert not [w for w in caught if "log-sum-exp kernel failed" in str(w.message)]  # the kernel ran
         want = torch.logsumexp(logits.double(), dim=-1)
-        assert torch.isnan(got[5]) and got[4] == float("-inf")
-        keep = [i for i in range(37) if i not in (4, 5)]
+        assert torch.isnan(got[5]) and got[4] == float("-inf") and not torch.isfinite(got[7])
+        keep = [i for i in range(37) if i not in (4, 5, 7)]
         torch.testing.assert_close(got[keep].double(), want[keep], atol=1e-5, rtol=1e-6)
     # a strided view (rows of a wider buffer) reads only its own columns
     wide = torch.randn(8, 600, generator=gen).to(dtype).cuda()

@@ -1,7 +1,9 @@
-"""CPU time per thread group while a block runs (Linux ``/proc``), for the benches.
+"""Where a bench's threads spend their time: CPU time per thread group (:func:`thread_cpu`) and
+stack samples of named threads (:func:`thread_sampler`), each while a block runs.
 
 Whether a pipeline on a many-core host is bound by its CPU is not visible in its phase timers:
-they show where a thread waits, not whether the cores it waits for are all busy.  This reads
+they show where a thread waits, not whether the cores it waits for are all busy.
+:func:`thread_cpu` reads
 every thread's user + system time from ``/proc/self/task/*/stat`` every ``interval`` seconds
 (the last reading of a thread that exits in between is kept), names each by its Python thread
 (``talon-encode_3`` counts as ``talon-encode``) or else by its kernel name (``native:...``:
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -71,6 +74,24 @@ class ThreadCpuReport:
 
 
 @contextlib.contextmanager
+def polling(step, interval: float, name: str):
+    """Call ``step()`` every ``interval`` seconds on a daemon thread while the block runs."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            step()
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
 def thread_cpu(interval: float = 0.25):
     """Measure the block; the yielded report is filled in when the block ends."""
     report = ThreadCpuReport()
@@ -80,28 +101,22 @@ def thread_cpu(interval: float = 0.25):
     first = _task_times()
     last = dict(first)
     names: dict[int, str] = {}
-    stop = threading.Event()
 
     def poll() -> None:
-        while True:
-            for thread in threading.enumerate():
-                if thread.native_id is not None:
-                    names[thread.native_id] = thread.name
-            last.update(_task_times())
-            if stop.wait(interval):
-                return
+        for thread in threading.enumerate():
+            if thread.native_id is not None:
+                names[thread.native_id] = thread.name
+        last.update(_task_times())
 
     busy0, total0 = _host_busy_and_total()
     process0 = sum(os.times()[:2])
     started = time.perf_counter()
-    poller = threading.Thread(target=poll, name="thread-cpu-poller", daemon=True)
-    poller.start()
+    poll()
     try:
-        yield report
+        with polling(poll, interval, "thread-cpu-poller"):
+            yield report
     finally:
-        stop.set()
-        poller.join()
-        last.update(_task_times())
+        poll()
         report.wall = time.perf_counter() - started
         busy1, total1 = _host_busy_and_total()
         report.host_busy = (busy1 - busy0) / max(total1 - total0, 1)
@@ -115,3 +130,44 @@ def thread_cpu(interval: float = 0.25):
         if report.process - attributed >= 0.05:  # threads that ended between two readings
             groups["(ended unread)"] = report.process - attributed
         report.groups = groups
+
+
+@contextlib.contextmanager
+def thread_sampler(interval: float = 0.01, top: int = 12, threads: tuple[str, ...] = ("MainThread", "talon-prefetch")):
+    """Where the named threads are, sampled every ``interval`` seconds while the block runs;
+    prints, per thread, the ``top`` places (innermost frame in the repository's own code, and the
+    innermost frame) with their share of the samples.  A place inside a call that holds the GIL,
+    or waits for it, shows up as long as it lasts, which is what the phase timers cannot see."""
+    import collections
+
+    repo = str(Path(__file__).resolve().parents[1])
+    counts: dict[str, collections.Counter] = {name: collections.Counter() for name in threads}
+
+    def own(filename: str) -> bool:
+        return filename.startswith(repo) and not any(part in filename for part in ("/bench/", "-packages/", "/.venv/"))
+
+    def place(frame) -> str:
+        inner = f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}:{frame.f_lineno}"
+        ours = frame
+        while ours is not None and not own(ours.f_code.co_filename):
+            ours = ours.f_back
+        if ours is None or ours is frame:
+            return inner
+        return f"{Path(ours.f_code.co_filename).name}:{ours.f_code.co_name}:{ours.f_lineno} > {inner}"
+
+    def sample() -> None:
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        for ident, frame in sys._current_frames().items():
+            name = names.get(ident)
+            if name in counts:
+                counts[name][place(frame)] += 1
+
+    try:
+        with polling(sample, interval, "thread-sampler"):
+            yield counts
+    finally:
+        for name, counter in counts.items():
+            total = max(1, sum(counter.values()))
+            print(f"thread {name}, {total} samples every {interval * 1e3:.0f} ms:", file=sys.stderr)
+            for where, n in counter.most_common(top):
+                print(f"  {100 * n / total:5.1f}%  {where}", file=sys.stderr)
