@@ -37,8 +37,7 @@ def validate_command(
 ) -> None:
     """Check every part against its seal and the manifest (counts, offsets, shapes, dtypes, sizes,
     and the CRC32C checksums, zlib CRC-32 in caches before schema 3, recorded at write time) and name
-    the part, array and sample of any
-    damage.  Exits 1 when damage is found."""
+    the part, array and sample of any damage.  Exits 1 when damage is found."""
     from schemas.manifest import CacheError
     from schemas.validate import validate_cache
 
