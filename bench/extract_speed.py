@@ -315,6 +315,10 @@ def main() -> None:
     parser.add_argument("--writer-threads", type=int, default=0, help="part-writer threads (0: the run path's default)")
     parser.add_argument("--encode-threads", type=int, default=0, help="compression pool threads (0: the run path's default)")
     parser.add_argument("--sync-threads", type=int, default=0, help="threads flushing written parts (0: the run path's default)")
+    parser.add_argument("--max-unsealed", type=int, default=0,
+                        help="parts written but not yet flushed and sealed at most (0: the writer's default, writer threads + 2)")
+    parser.add_argument("--max-pending", type=int, default=0,
+                        help="parts queued for the writer threads at most (0: the run path's default)")
     parser.add_argument("--aux-compression", default="auto", help="codec of the aux planes (talon extract --aux-compression)")
     parser.add_argument("--batching", default="packed", choices=("packed", "padded"), help="talon extract --batching")
     parser.add_argument("--no-compare-padded", dest="compare_padded", action="store_false",
@@ -329,7 +333,7 @@ def main() -> None:
     parser.add_argument("--sample-threads", action="store_true",
                         help="print where the run's main thread and its tokenizer feeder spend their time (stack samples every 10 ms)")
     args = parser.parse_args()
-    if args.writer_threads or args.encode_threads or args.sync_threads:
+    if args.writer_threads or args.encode_threads or args.sync_threads or args.max_unsealed or args.max_pending:
         import stage_extract.run
 
         default_parallelism = stage_extract.run.writer_parallelism
@@ -339,6 +343,9 @@ def main() -> None:
             chosen["threads"] = args.writer_threads or chosen["threads"]
             chosen["encode_threads"] = args.encode_threads or chosen.get("encode_threads")
             chosen["sync_threads"] = args.sync_threads or chosen.get("sync_threads")
+            chosen["max_pending"] = args.max_pending or chosen.get("max_pending")
+            if args.max_unsealed:
+                chosen["max_unsealed"] = args.max_unsealed
             return chosen
 
         stage_extract.run.writer_parallelism = parallelism

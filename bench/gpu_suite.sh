@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of issues #2 and #6 in one call (after staging, see ../shared/gpu/README.md):
-#   SUITE="tests multi train extract reader writer" bash bench/gpu_suite.sh [OUT_DIR]
+#   SUITE="tests multi train extract reader writer io" bash bench/gpu_suite.sh [OUT_DIR]
 # Each step writes its table and log under OUT_DIR (default $OUT, else bench-out) and the suite
 # goes on after a failed step. `multi` needs 2 GPUs and runs first, so that a 2-GPU lease is
 # spent on what needs it; the single-GPU steps then use GPU 0 alone. All five take roughly 15
@@ -48,6 +48,18 @@ for item in $suite; do
       step disk_speed python bench/disk_speed.py --gib 4 --threads 1,3 --write-mb 16.777216,0.75
       step writer_speed python bench/writer_speed.py --hidden 576 --vocab 49152 --tokens 2000000 --part-tokens 65536 \
         --batch-tokens 32768 --busy 0 --only-handoff ;;
-    *) echo "unknown suite item: $item (tests, multi, train, extract, reader, writer)" ;;
+    io)  # what bounds SmolLM2's writing on this host (about 4 minutes): the disk at 1, 3 and 6 threads,
+      # the part writer alone at its defaults, with more flushes and parts in flight, and without aux
+      # compression, each with the cores its threads kept busy; then the extraction with the same probe
+      step io_disk python bench/disk_speed.py --gib 4 --threads 1,3,6
+      handoff="python bench/writer_speed.py --hidden 576 --vocab 49152 --tokens 2000000 --part-tokens 65536 \
+        --batch-tokens 32768 --busy 0 --only-handoff --thread-cpu"
+      step io_writer_default $handoff
+      step io_writer_sync6 $handoff --sync-threads 6
+      step io_writer_inflight $handoff --sync-threads 6 --max-unsealed 12 --max-pending 4
+      step io_writer_raw_aux $handoff --aux-compression none
+      step io_extract env CUDA_VISIBLE_DEVICES=0 python bench/extract_speed.py --device cuda --skip-8b --tokens 4000000 \
+        --settings bf16/topk --no-compare-padded --no-compare-eager --disk-gib 2 --thread-cpu ;;
+    *) echo "unknown suite item: $item (tests, multi, train, extract, reader, writer, io)" ;;
   esac
 done

@@ -170,13 +170,16 @@ def time_handoff(parts, args, work: Path, widths, busy: float, compression: str 
         extra["encode_threads"] = args.encode_threads
     if args.sync_threads and _supports(BackgroundPartWriter.__init__, "sync_threads"):
         extra["sync_threads"] = args.sync_threads
+    if args.max_unsealed and _supports(BackgroundPartWriter.__init__, "max_unsealed"):
+        extra["max_unsealed"] = args.max_unsealed
     hog = GilHog(busy) if busy else None
     if hog:
         hog.__enter__()
     try:
         with thread_cpu() if args.thread_cpu else contextlib.nullcontext() as cpu_report:
             cpu, started = time.process_time(), time.perf_counter()
-            writer = BackgroundPartWriter(out, args.vocab, "bf16", "topk", max_pending=2, threads=args.threads, **extra)
+            writer = BackgroundPartWriter(out, args.vocab, "bf16", "topk", max_pending=args.max_pending, threads=args.threads,
+                                          **extra)
             for index, part in enumerate(parts):
                 writer.submit(builder_for(part, index, widths), {"records_read": 0})
             writer.close()
@@ -205,6 +208,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="part-writer threads (0: what run.py uses on a GPU host with these cores)")
     parser.add_argument("--encode-threads", type=int, default=0, help="compression pool threads (0: run.py's GPU-host choice)")
     parser.add_argument("--sync-threads", type=int, default=0, help="threads flushing written parts (0: run.py's GPU-host choice)")
+    parser.add_argument("--max-unsealed", type=int, default=0,
+                        help="parts written but not yet flushed and sealed at most (0: the writer's default, threads + max pending)")
+    parser.add_argument("--max-pending", type=int, default=2, help="parts queued for the writer threads at most (run.py: 2)")
     parser.add_argument("--codec-tokens", type=int, default=8192, help="tokens of features per codec measurement")
     parser.add_argument("--codecs", default=",".join(CODECS), help="comma-separated codec candidates")
     parser.add_argument("--aux-compression", default=None, help="codec of the hand-off rows (default: the store's default for bf16)")
