@@ -103,23 +103,28 @@ def test_stored_features_match_an_unbatched_forward(tiny_target_dir, tiny_cache)
     torch.testing.assert_close(torch.from_numpy(row["topk_logprobs"]), top.values, atol=1e-4, rtol=0)
 
 
-def test_interrupted_extraction_resumes_to_identical_bytes(tiny_target_dir, chat_jsonl, tiny_cache, tmp_path, monkeypatch):
+def failing_at_call(call: int):
+    """``write_part_group``, except that its ``call``-th call fails as a full disk does."""
     original = schemas.store.write_part_group
     calls = {"n": 0}
 
-    def dies_on_third_part(cache_dir, name, arrays, vocab_size, **settings):
+    def write_part_group(cache_dir, name, arrays, vocab_size, **settings):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == call:
             raise OSError(28, "No space left on device")
         return original(cache_dir, name, arrays, vocab_size, **settings)
 
-    monkeypatch.setattr(stage_extract.writer, "write_part_group", dies_on_third_part)
+    return write_part_group
+
+
+def test_interrupted_extraction_resumes_to_identical_bytes(tiny_target_dir, chat_jsonl, tiny_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(stage_extract.writer, "write_part_group", failing_at_call(3))
     out = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="No space left"):
         run_extract(extract_config(out, tiny_target_dir, chat_jsonl))
     with pytest.raises(CacheError, match="incomplete"):
         read_manifest(out)
-    monkeypatch.setattr(stage_extract.writer, "write_part_group", original)
+    monkeypatch.setattr(stage_extract.writer, "write_part_group", schemas.store.write_part_group)
     summary = run_extract(extract_config(out, tiny_target_dir, chat_jsonl))
     assert summary["resumed_parts"] == 2
     fresh, resumed = CacheReader(tiny_cache), CacheReader(out)
@@ -140,18 +145,9 @@ def test_a_schema_2_cache_resumed_stays_schema_2_with_zlib_crc32(tiny_target_dir
     from schemas.manifest import part_seal_path, read_seal
     from schemas.validate import validate_cache
 
-    original = schemas.store.write_part_group
-    calls = {"n": 0}
-
-    def dies_on_third_part(cache_dir, name, arrays, vocab_size, **settings):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise OSError(28, "No space left on device")
-        return original(cache_dir, name, arrays, vocab_size, **settings)
-
     out = tmp_path / "old"
     monkeypatch.setattr(stage_extract.run, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(stage_extract.writer, "write_part_group", dies_on_third_part)
+    monkeypatch.setattr(stage_extract.writer, "write_part_group", failing_at_call(3))
     with pytest.raises(RuntimeError, match="No space left"):
         run_extract(extract_config(out, tiny_target_dir, chat_jsonl))
     monkeypatch.undo()  # this version's schema and writer from here on
