@@ -186,13 +186,13 @@ class PartBuilder:
             if not self.samples:
                 arrays[name] = np.zeros((0, self.widths.get(name, 0)), _EMPTY_DTYPES[name])
                 continue
-            first, rows = getattr(self.samples[0], name), int(offsets[-1])
+            first, n_rows = getattr(self.samples[0], name), int(offsets[-1])
             if buffers is None:
-                out = np.empty((rows,) + first.shape[1:], dtype=first.dtype)
+                out = np.empty((n_rows,) + first.shape[1:], dtype=first.dtype)
             else:
-                buffer = buffers.take(name, rows, first.shape[1:], first.dtype)
+                buffer = buffers.take(name, n_rows, first.shape[1:], first.dtype)
                 self.borrowed.append((name, buffer))
-                out = buffer[:rows]
+                out = buffer[:n_rows]
             arrays[name] = out
             for i, sample in enumerate(self.samples):
                 rows, plane = out[offsets[i] : offsets[i + 1]], getattr(sample, name)
