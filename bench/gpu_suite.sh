@@ -48,7 +48,7 @@ for item in $suite; do
       step disk_speed python bench/disk_speed.py --gib 4 --threads 1,3 --write-mb 16.777216,0.75
       step writer_speed python bench/writer_speed.py --hidden 576 --vocab 49152 --tokens 2000000 --part-tokens 65536 \
         --batch-tokens 32768 --busy 0 --only-handoff ;;
-    io)  # what bounds SmolLM2's writing on this host (about 4 minutes): the disk at 1, 3 and 6 threads,
+    io)  # what bounds SmolLM2's writing on this host (about 5 minutes): the disk at 1, 3 and 6 threads,
       # the part writer alone at its defaults, with more flushes and parts in flight, and without aux
       # compression, each with the cores its threads kept busy; then the extraction with the same probe
       step io_disk python bench/disk_speed.py --gib 4 --threads 1,3,6
@@ -58,8 +58,9 @@ for item in $suite; do
       step io_writer_sync6 $handoff --sync-threads 6
       step io_writer_inflight $handoff --sync-threads 6 --max-unsealed 12 --max-pending 4
       step io_writer_raw_aux $handoff --aux-compression none
+      # bf16/topk, then bf16/both (the final state too: ~1.4x the bytes per token, more than the disk takes)
       step io_extract env CUDA_VISIBLE_DEVICES=0 python bench/extract_speed.py --device cuda --skip-8b --tokens 4000000 \
-        --settings bf16/topk --no-compare-padded --no-compare-eager --disk-gib 2 --thread-cpu ;;
+        --settings bf16/topk,bf16/both --no-compare-padded --no-compare-eager --disk-gib 2 --thread-cpu ;;
     *) echo "unknown suite item: $item (tests, multi, train, extract, reader, writer, io)" ;;
   esac
 done
