@@ -96,7 +96,7 @@ def prepare_cache_dir(cache_dir: Path, spec: ExtractSpec, shard: Shard | None = 
             if foreign:
                 raise CacheError(f"{cache_dir} exists and is not a Talon cache; refusing to write into it")
         cache_dir.mkdir(parents=True, exist_ok=True)
-        spec = _ensure_spec(cache_dir, spec, "the cache")  # a worker joining an older cache writes its version
+        spec = _ensure_spec(cache_dir, spec, "the cache")  # an older cache, resumed or joined, keeps its version
         if worker_dir != cache_dir:
             worker_dir.mkdir(parents=True, exist_ok=True)
             spec = _ensure_spec(worker_dir, spec, "the worker directory")
