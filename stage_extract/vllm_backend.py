@@ -194,16 +194,16 @@ class TargetHead:
 
     @torch.inference_mode()
     def topk(self, final_prenorm: torch.Tensor, k: int, chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (ids int64, log-probs float32) of each row, in chunks of rows so the
+        """Top-k (ids int32, log-probs float32) of each row, in chunks of rows so the
         ``rows x vocab`` logits never exist at once."""
         ids, logprobs = [], []
         for start in range(0, final_prenorm.shape[0], chunk_tokens):
             normed = self.normalize(final_prenorm[start : start + chunk_tokens])
             chunk_ids, chunk_logprobs = topk_from_logits(torch.nn.functional.linear(normed, self.head_weight), k)
-            ids.append(chunk_ids.long())
+            ids.append(chunk_ids)
             logprobs.append(chunk_logprobs)
         if not ids:
-            return torch.zeros((0, k), dtype=torch.long), torch.zeros((0, k), dtype=torch.float32)
+            return torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, k), dtype=torch.float32)
         return torch.cat(ids), torch.cat(logprobs)
 
 
@@ -262,7 +262,7 @@ def planes_from_captures(
     if has_topk(teacher):
         ids, logprobs = head.topk(final, top_k, head_chunk_tokens)
         finite &= torch.isfinite(logprobs).all(dim=-1)
-        planes["topk_ids"] = ids.to(torch.int32)
+        planes["topk_ids"] = ids
         planes["topk_logprobs"] = logprobs
     planes["finite"] = finite
     return planes
