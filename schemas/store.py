@@ -16,7 +16,6 @@ sample (see :class:`schemas.manifest.ArrayRecord`), whose last value is the whol
 from __future__ import annotations
 
 import copy
-import errno
 import functools
 import json
 import os
@@ -35,6 +34,7 @@ from packaging.version import Version
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from schemas.checksum import DEFAULT_CHECKSUM, checksum, crc32c_of_bytes, running_sample_checksums
+from schemas.file_sink import DEFAULT_WRITE_MODE, FileSink
 from schemas.fp8 import dequantize_to_bf16_bits
 from schemas.shard import EMPTY_CHUNK, ShardArray
 from schemas.layout import AUX_COMPRESSIONS, DEFAULT_AUX_COMPRESSION, LEGACY_AUX_COMPRESSION, array_specs, resolve_aux_compression
@@ -53,7 +53,6 @@ from schemas.manifest import (
 INNER_CHUNK_BYTES = 1 << 20
 ENCODE_TASK_BYTES = 8 << 20  # inner chunks per pool task: fewer GIL round trips per byte
 WRITE_BATCH_BYTES = 16 << 20  # encoded chunks per write call
-IOV_MAX = max(16, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 1024  # -1: no stated limit
 SAMPLE_FIELDS = ("input_ids", "loss_mask", "aux_hidden", "topk_ids", "topk_logprobs", "final_hidden")
 FEATURE_ARRAYS = ("aux_hidden", "final_hidden")  # the planes --aux-compression applies to
 
@@ -163,7 +162,17 @@ def _all_zero(raw: np.ndarray) -> bool:
 def _encode_chunks(codec, data: np.ndarray, starts: range, rows: int) -> list:
     """Inner chunks ``data[start:start+rows]`` (the last one padded with the fill value 0) as
     zarr stores them: None for a chunk whose every byte equals the fill value (zarr's default
-    ``write_empty_chunks=False`` leaves such chunks out of the shard), else the encoded bytes."""
+    ``write_empty_chunks=False`` leaves such chunks out of the shard), else the encoded bytes.
+    The whole chunks are checked for fill in one numpy call: every call that gives the GIL back
+    may wait for it while the extraction's other threads run Python."""
+    whole = [start for start in starts if start + rows <= len(data)]
+    empty = {}
+    if whole:
+        block = data[whole[0] : whole[-1] + rows]
+        words = block.reshape(len(whole), -1).view(np.uint8)
+        if words.shape[1] % 8 == 0:
+            words = words.view(np.uint64)
+        empty = dict(zip(whole, (~words.any(axis=1)).tolist()))
     out = []
     for start in starts:
         block = data[start : start + rows]
@@ -172,33 +181,22 @@ def _encode_chunks(codec, data: np.ndarray, starts: range, rows: int) -> list:
             padded[: len(block)] = block
             block = padded
         raw = block.reshape(-1).view(np.uint8)
-        out.append(None if _all_zero(raw) else codec.encode(raw) if codec is not None else raw)
+        is_empty = empty[start] if start in empty else _all_zero(raw)
+        out.append(None if is_empty else codec.encode(raw) if codec is not None else raw)
     return out
 
 
-def _write_all(fd: int, views: list[memoryview]) -> None:
-    """``os.writev`` until every byte of ``views`` is written (a call may write fewer)."""
-    while views:
-        written = os.writev(fd, views[:IOV_MAX])
-        if written == 0:
-            raise OSError(errno.EIO, "writev wrote nothing")
-        while views and written >= views[0].nbytes:
-            written -= views[0].nbytes
-            views.pop(0)
-        if written:
-            views[0] = views[0][written:]
-
-
-def _write_shard(path: Path, tasks: list, n_chunks: int) -> None:
+def _write_shard(path: Path, tasks: list, n_chunks: int, write_mode: str = DEFAULT_WRITE_MODE) -> int:
     """Write a ``sharding_indexed`` shard: the present inner chunks in order (zarr's morton order
     is plain row order for a column of chunks), then the ``(offset, nbytes)`` uint64 index with
-    its CRC32C.  No file when every chunk is absent, as zarr does.  ``tasks`` are futures of
+    its CRC32C, and return the file's size.  No file when every chunk is absent, as zarr does.  ``tasks`` are futures of
     :func:`_encode_chunks`, in chunk order.  The chunks (~1 MB each) reach the file
-    :data:`WRITE_BATCH_BYTES` at a time, in one ``writev`` call: on an H200 host's disk, three
-    threads writing parts in 16 MiB writes reached 1,771 MB/s against 1,532 in 0.75 MB writes
-    (``bench/disk_speed.py --write-mb``; one thread: 1,247 against 1,221)."""
+    :data:`WRITE_BATCH_BYTES` at a time, in one ``writev`` call (``write_mode``: see
+    :mod:`schemas.file_sink`): on an H200 host's disk, three threads writing parts in 16 MiB
+    writes reached 1,771 MB/s against 1,532 in 0.75 MB writes (``bench/disk_speed.py
+    --write-mb``; one thread: 1,247 against 1,221)."""
     index = np.full((n_chunks, 2), EMPTY_CHUNK, dtype="<u8")
-    offset, written, position, fd = 0, 0, 0, None  # bytes indexed, bytes in the file, chunks seen
+    offset, written, position, sink = 0, 0, 0, None  # bytes indexed, bytes in the file, chunks seen
     batch: list[memoryview] = []
     try:
         for task in tasks:
@@ -210,23 +208,26 @@ def _write_shard(path: Path, tasks: list, n_chunks: int) -> None:
                     batch.append(view)
                 position += 1
             if offset - written >= WRITE_BATCH_BYTES:
-                fd = fd if fd is not None else _create_file(path)
-                _write_all(fd, batch)
+                sink = sink or _create_file(path, write_mode)
+                sink.write(batch)
                 batch, written = [], offset
-        if fd is None and not batch:
-            return  # every chunk absent
+        if sink is None and not batch:
+            return 0  # every chunk absent
         raw = index.tobytes()
         batch.append(memoryview(raw + crc32c_of_bytes(raw).to_bytes(4, "little")))
-        fd = fd if fd is not None else _create_file(path)
-        _write_all(fd, batch)
+        sink = sink or _create_file(path, write_mode)
+        sink.write(batch)
+        sink, finished = None, sink
+        finished.close()
+        return finished.size
     finally:
-        if fd is not None:
-            os.close(fd)
+        if sink is not None:
+            sink.discard()
 
 
-def _create_file(path: Path) -> int:
+def _create_file(path: Path, write_mode: str) -> FileSink:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    return FileSink(path, write_mode)
 
 
 @functools.lru_cache(maxsize=None)
@@ -278,6 +279,7 @@ def write_part_group(
     direct: bool = True,
     sync: bool = True,
     checksum_name: str = DEFAULT_CHECKSUM,
+    write_mode: str = DEFAULT_WRITE_MODE,
 ) -> dict[str, ArrayRecord]:
     """Write one part's arrays into ``<worker_dir>/parts/<name>.zarr`` and return their
     checksummed records.  An existing, unsealed group of the same name (left by a killed run)
@@ -316,8 +318,8 @@ def write_part_group(
             template = _metadata_template(spec.name, spec.storage_dtype, tuple(data.shape[1:]), aux_compression,
                                           data.itemsize, tuple(attributes.items()))
             (path / spec.name).mkdir()
-            (path / spec.name / "zarr.json").write_bytes(
-                _array_metadata(template, data.shape, (shard_rows,) + data.shape[1:], chunks))
+            metadata = _array_metadata(template, data.shape, (shard_rows,) + data.shape[1:], chunks)
+            (path / spec.name / "zarr.json").write_bytes(metadata)
         else:
             array = group.create_array(name=spec.name, shape=data.shape, dtype=spec.storage_dtype, chunks=chunks,
                                        shards=(shard_rows,) + data.shape[1:], compressors=compressors or None,
@@ -332,17 +334,19 @@ def write_part_group(
                        for first in range(0, shard_rows, step)]
         elif data.size:
             array[...] = data
-        planned.append((spec, data, crcs, encoded, shard_rows // rows))
+        planned.append((spec, data, crcs, encoded, shard_rows // rows, len(metadata) if direct else None))
     records: dict[str, ArrayRecord] = {}
-    for spec, data, crcs, encoded, n_chunks in planned:
+    for spec, data, crcs, encoded, n_chunks, metadata_bytes in planned:
+        shard_bytes = 0
         if encoded:
-            _write_shard(path / spec.name / "/".join(["c"] + ["0"] * data.ndim), encoded, n_chunks)
+            shard_bytes = _write_shard(path / spec.name / "/".join(["c"] + ["0"] * data.ndim), encoded, n_chunks, write_mode)
         sample_crcs = crcs.result() if crcs is not None else ()
         records[spec.name] = ArrayRecord(
             shape=tuple(int(s) for s in data.shape),
             crc32=sample_crcs[-1] if sample_crcs else checksum(data, 0, checksum_name),
             checksum=checksum_name,
-            stored_bytes=dir_bytes(path / spec.name),
+            # counted, not listed from the disk (each call there may wait for the GIL)
+            stored_bytes=metadata_bytes + shard_bytes if direct else dir_bytes(path / spec.name),
             dtype=spec.storage_dtype,
             sample_crc32=sample_crcs,
         )

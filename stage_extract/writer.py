@@ -14,13 +14,14 @@ from __future__ import annotations
 import errno
 import queue
 import threading
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from schemas.checksum import DEFAULT_CHECKSUM
+from schemas.file_sink import DEFAULT_WRITE_MODE
 from schemas.layout import DEFAULT_AUX_COMPRESSION, part_name
 from schemas.manifest import PartSeal, write_seal
 from schemas.store import encode_pool, fsync_tree, group_path, write_part_group
@@ -67,6 +68,16 @@ def _samples_finite(finite: np.ndarray, lengths: list[int]) -> np.ndarray:
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))[present]
         ok[present] = np.logical_and.reduceat(np.asarray(finite, dtype=bool)[: int(lengths.sum())], starts)
     return ok
+
+
+def concatenate_rows(planes: list[np.ndarray], out: np.ndarray) -> None:
+    """Copy ``planes`` (same row shape and dtype as ``out``) one after another into ``out``, in
+    one numpy call on the calling thread.  The copies used to be pool tasks, one per sample and
+    plane: each task takes the GIL back several times, and each time a busy thread may hold it
+    (the extraction's main thread, its tokenizer feeder and the other writers all run Python).
+    Into a buffer reused from an earlier part (:class:`PlaneBuffers`, no page faults) one thread
+    copies several GB/s."""
+    np.concatenate(planes, axis=0, out=out)
 
 
 class PlaneBuffers:
@@ -160,12 +171,11 @@ class PartBuilder:
                 self.samples.append(sample)
         self.pending, self.batches = [], []
 
-    def arrays(self, pool: Executor | None = None, buffers: PlaneBuffers | None = None) -> dict[str, np.ndarray]:
-        """The part's arrays, samples concatenated in order.  With ``pool`` the feature planes
-        (about 1 GB a part for an 8B target) are copied into place by its threads, each sample's
-        rows a task (numpy copies release the GIL): one thread copies ~0.9 GB/s of fresh memory.
-        With ``buffers`` the planes are views of buffers taken from it, listed in
-        :attr:`borrowed` for the caller to give back once the part is written."""
+    def arrays(self, buffers: PlaneBuffers | None = None) -> dict[str, np.ndarray]:
+        """The part's arrays, samples concatenated in order.  The feature planes (about 1 GB a
+        part for an 8B target) are copied into place by :func:`concatenate_rows`.  With
+        ``buffers`` they are views of buffers taken from it, listed in :attr:`borrowed` for the
+        caller to give back once the part is written."""
         lengths = [len(s.input_ids) for s in self.samples]
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -181,7 +191,6 @@ class PartBuilder:
             "record_index": np.asarray([s.record_index for s in self.samples], dtype=np.int64),
         }
         present = [n for n in FEATURE_PLANES if (self.samples and getattr(self.samples[0], n) is not None) or n in self.widths]
-        copies = []
         for name in present:
             if not self.samples:
                 arrays[name] = np.zeros((0, self.widths.get(name, 0)), _EMPTY_DTYPES[name])
@@ -193,15 +202,8 @@ class PartBuilder:
                 buffer = buffers.take(name, n_rows, first.shape[1:], first.dtype)
                 self.borrowed.append((name, buffer))
                 out = buffer[:n_rows]
+            concatenate_rows([getattr(sample, name) for sample in self.samples], out)
             arrays[name] = out
-            for i, sample in enumerate(self.samples):
-                rows, plane = out[offsets[i] : offsets[i + 1]], getattr(sample, name)
-                if pool is None:
-                    np.copyto(rows, plane)
-                else:
-                    copies.append(pool.submit(np.copyto, rows, plane))
-        for copy in copies:
-            copy.result()
         return arrays
 
     def release_planes(self) -> None:
@@ -265,13 +267,14 @@ class BackgroundPartWriter:
     def __init__(self, worker_dir: Path, vocab_size: int, feature_dtype: str = "bf16", teacher: str = "topk",
                  max_pending: int = 2, threads: int = 1, encode_threads: int | None = None,
                  aux_compression: str = DEFAULT_AUX_COMPRESSION, sync_threads: int = 2, max_unsealed: int | None = None,
-                 checksum_name: str = DEFAULT_CHECKSUM):
+                 checksum_name: str = DEFAULT_CHECKSUM, write_mode: str = DEFAULT_WRITE_MODE):
         self._dir = Path(worker_dir)
         self._vocab_size = vocab_size
         self._feature_dtype = feature_dtype
         self._teacher = teacher
         self._aux_compression = aux_compression
         self._checksum_name = checksum_name
+        self._write_mode = write_mode
         self._pool = encode_pool(encode_threads)
         self._buffers = PlaneBuffers(keep=max(1, threads))
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
@@ -311,13 +314,13 @@ class BackgroundPartWriter:
                 continue
             try:
                 builder.collect()
-                arrays = builder.arrays(self._pool, self._buffers)
+                arrays = builder.arrays(self._buffers)
                 builder.release_planes()
                 records = write_part_group(
                     self._dir, part_name(builder.index), arrays, self._vocab_size,
                     feature_dtype=self._feature_dtype, teacher=self._teacher,
                     aux_compression=self._aux_compression, pool=self._pool, sync=False,
-                    checksum_name=self._checksum_name,
+                    checksum_name=self._checksum_name, write_mode=self._write_mode,
                 )
                 seal = builder.seal(arrays, records, source_stats)
                 del arrays  # written: every encoding and checksum task has read them

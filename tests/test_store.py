@@ -285,18 +285,31 @@ def test_background_writer_releases_the_planes_it_has_copied(tmp_path):
     assert np.array_equal(stored.view(np.uint16), np.concatenate(expected))
 
 
-def test_pooled_concatenation_equals_the_plain_one():
-    from concurrent.futures import ThreadPoolExecutor
+def test_concatenated_planes_equal_numpys_concatenation():
+    """PartBuilder.arrays copies each feature plane in one concatenation: every dtype (uint16 bit patterns with NaN payloads, int64 ids, float32, an fp8-style scale
+    plane), empty samples, a sample that is a strided view, into fresh or reused buffers."""
+    from stage_extract.writer import PlaneBuffers, concatenate_rows
 
     rng = np.random.default_rng(9)
     builder = PartBuilder(index=0, first_record=0)
     builder.samples = _random_samples(rng, 9, 70000)
-    for sample in builder.samples:  # an fp8-style extra plane too
+    for sample in builder.samples:
         sample.aux_scale = rng.random((len(sample.input_ids), 3), dtype=np.float32)
-    plain = builder.arrays()
-    with ThreadPoolExecutor(3) as pool:
-        pooled = builder.arrays(pool)
-    assert plain.keys() == pooled.keys()
-    for name in plain:
-        assert plain[name].dtype == pooled[name].dtype and np.array_equal(plain[name], pooled[name]), name
-    assert pooled["aux_hidden"].shape == (int(pooled["sample_offsets"][-1]), 12)
+    empty = builder.samples[4]
+    empty.input_ids, empty.loss_mask = empty.input_ids[:0], empty.loss_mask[:0]
+    for name in ("aux_hidden", "aux_scale", "topk_ids", "topk_logprobs"):
+        setattr(empty, name, getattr(empty, name)[:0])
+    wide = rng.integers(0, 1 << 16, (2 * len(builder.samples[2].input_ids), 12)).astype(np.uint16)
+    builder.samples[2].aux_hidden = wide[::2]  # not contiguous
+    expected = {name: np.concatenate([getattr(s, name) for s in builder.samples])
+                for name in ("aux_hidden", "aux_scale", "topk_ids", "topk_logprobs")}
+    buffers = PlaneBuffers()
+    for _ in range(2):  # fresh buffers, then the same ones reused
+        arrays = builder.arrays(buffers)
+        for name, values in expected.items():
+            assert arrays[name].dtype == values.dtype and np.array_equal(arrays[name], values), name
+        buffers.give_back(builder.borrowed)
+        builder.borrowed = []
+    assert np.array_equal(builder.arrays()["aux_hidden"], expected["aux_hidden"])
+    out = np.zeros((0, 5), np.float32)
+    concatenate_rows([np.zeros((0, 5), np.float32)], out)  # nothing to copy
