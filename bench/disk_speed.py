@@ -11,9 +11,11 @@ be set against what the disk itself takes in that pattern:
 * ``parts, N threads``: ``--gib`` GiB cut into parts of ``--part-mb`` MB, each part a directory
   of files sized like a SmolLM2 part's arrays, written in writes of ``--write-mb`` MB (16 MiB by
   default; the store writes one compressed inner chunk at a time, ~0.75 MB for SmolLM2's aux
-  plane) and flushed with ``fsync_tree``, by N threads at once.
+  plane) and flushed with ``fsync_tree``, by N threads at once, in each ``--write-modes`` (the
+  store's ways of writing a file, :mod:`schemas.file_sink`: page cache, page cache with early
+  writeback, ``O_DIRECT``).
 
-    python bench/disk_speed.py --dir /tmp --gib 4 --threads 1,3,5 --write-mb 16,0.75
+    python bench/disk_speed.py --dir /tmp --gib 4 --threads 1,3,5 --write-mb 16,0.75 --write-modes buffered,direct
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import markdown_table  # noqa: E402
+from schemas.file_sink import DEFAULT_WRITE_MODE, WRITE_MODES, FileSink  # noqa: E402
 from schemas.store import fsync_tree  # noqa: E402
 
 WRITE_BYTES = 16 << 20
@@ -39,13 +42,21 @@ WRITE_BYTES = 16 << 20
 SMOLLM2_SPLIT = (0.86, 0.07, 0.06, 0.007, 0.003)
 
 
-def write_file(path: Path, nbytes: int, block: bytes, write_bytes: int = WRITE_BYTES) -> None:
+def write_file(path: Path, nbytes: int, block: bytes, write_bytes: int = WRITE_BYTES,
+               write_mode: str = DEFAULT_WRITE_MODE) -> None:
+    """``nbytes`` of ``block`` in writes of ``write_bytes``, as the store writes its shards
+    (:class:`schemas.file_sink.FileSink` in ``write_mode``)."""
     view = memoryview(block)[: max(1, min(write_bytes, len(block)))]
-    with open(path, "wb") as handle:
+    sink = FileSink(path, write_mode)
+    try:
         left = nbytes
         while left > 0:
-            handle.write(view[: min(left, len(view))])
+            sink.write([view[: min(left, len(view))]])
             left -= min(left, len(view))
+    except BaseException:
+        sink.discard()
+        raise
+    sink.close()
 
 
 def one_file(directory: Path, total: int, block: bytes) -> float:
@@ -63,7 +74,7 @@ def one_file(directory: Path, total: int, block: bytes) -> float:
 
 
 def parts(directory: Path, total: int, part_bytes: int, split: tuple[float, ...], threads: int, block: bytes,
-          write_bytes: int = WRITE_BYTES) -> float:
+          write_bytes: int = WRITE_BYTES, write_mode: str = DEFAULT_WRITE_MODE) -> float:
     root = directory / f"parts-{threads}"
     root.mkdir()
     count = max(1, total // part_bytes)
@@ -73,7 +84,7 @@ def parts(directory: Path, total: int, part_bytes: int, split: tuple[float, ...]
         for array, share in enumerate(split):
             folder = part / f"array{array}" / "c"
             folder.mkdir(parents=True)
-            write_file(folder / "0", int(part_bytes * share), block, write_bytes)
+            write_file(folder / "0", int(part_bytes * share), block, write_bytes, write_mode)
         fsync_tree(part)
 
     started = time.perf_counter()
@@ -103,6 +114,9 @@ def main() -> None:
     parser.add_argument("--part-mb", type=float, default=230.0, help="MB per part (a SmolLM2 part of 65,536 tokens: ~230)")
     parser.add_argument("--threads", default="1,3,5", help="comma-separated writer-thread counts")
     parser.add_argument("--write-mb", default="16.777216", help="comma-separated sizes of each write() in the parts rows, MB")
+    parser.add_argument("--write-modes", default=DEFAULT_WRITE_MODE,
+                        help=f"comma-separated ways the parts rows write their files: {', '.join(WRITE_MODES)} "
+                             "(schemas/file_sink.py)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="talon-disk-", dir=args.dir))
@@ -110,11 +124,12 @@ def main() -> None:
     total = int(args.gib * (1 << 30))
     try:
         rows = [["one file, one fsync", 1, one_file(directory, total, block)]]
-        for write_mb in (float(w) for w in args.write_mb.split(",")):
-            for threads in (int(t) for t in args.threads.split(",")):
-                rows.append([f"parts of {args.part_mb:g} MB in {write_mb:g} MB writes, fsync_tree each", threads,
-                             parts(directory, total, int(args.part_mb * 1e6), SMOLLM2_SPLIT, threads, block,
-                                   int(write_mb * 1e6))])
+        for mode in args.write_modes.split(","):
+            for write_mb in (float(w) for w in args.write_mb.split(",")):
+                for threads in (int(t) for t in args.threads.split(",")):
+                    rows.append([f"parts of {args.part_mb:g} MB in {write_mb:g} MB {mode} writes, fsync_tree each",
+                                 threads, parts(directory, total, int(args.part_mb * 1e6), SMOLLM2_SPLIT, threads, block,
+                                                int(write_mb * 1e6), mode)])
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     if args.json:

@@ -319,6 +319,10 @@ def main() -> None:
                         help="parts written but not yet flushed and sealed at most (0: the writer's default, writer threads + 2)")
     parser.add_argument("--max-pending", type=int, default=0,
                         help="parts queued for the writer threads at most (0: the run path's default)")
+    parser.add_argument("--switch-interval", type=float, default=0.0,
+                        help="the interpreter's GIL switch interval for the run, seconds (0: Python's default, 0.005)")
+    parser.add_argument("--write-mode", default=None, help="how shard files reach the disk: buffered, streamed or direct "
+                        "(schemas/file_sink.py; default: the run path's)")
     parser.add_argument("--aux-compression", default="auto", help="codec of the aux planes (talon extract --aux-compression)")
     parser.add_argument("--batching", default="packed", choices=("packed", "padded"), help="talon extract --batching")
     parser.add_argument("--no-compare-padded", dest="compare_padded", action="store_false",
@@ -333,7 +337,9 @@ def main() -> None:
     parser.add_argument("--sample-threads", action="store_true",
                         help="print where the run's main thread and its tokenizer feeder spend their time (stack samples every 10 ms)")
     args = parser.parse_args()
-    if args.writer_threads or args.encode_threads or args.sync_threads or args.max_unsealed or args.max_pending:
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+    if args.writer_threads or args.encode_threads or args.sync_threads or args.max_unsealed or args.max_pending or args.write_mode:
         import stage_extract.run
 
         default_parallelism = stage_extract.run.writer_parallelism
@@ -346,6 +352,8 @@ def main() -> None:
             chosen["max_pending"] = args.max_pending or chosen.get("max_pending")
             if args.max_unsealed:
                 chosen["max_unsealed"] = args.max_unsealed
+            if args.write_mode:
+                chosen["write_mode"] = args.write_mode
             return chosen
 
         stage_extract.run.writer_parallelism = parallelism
@@ -387,7 +395,7 @@ def main() -> None:
     print(f"\n### Extraction speed on {name} ({dtype}), {args.batching} batches of {args.batch_tokens} tokens, "
           f"CUDA graphs {args.cuda_graphs}, "
           f"{parallel['threads']} part-writer thread(s) + {parallel.get('encode_threads')} encoding, "
-          f"aux compression {args.aux_compression}, torch {torch.__version__}\n")
+          f"aux compression {args.aux_compression}, {parallel.get('write_mode', 'default')} writes, torch {torch.__version__}\n")
     print(markdown_table(header, rows))
     if gains:
         print("\nPacked against padded forwards (features tok/s, same samples, parts and token budget):\n")

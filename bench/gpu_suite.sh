@@ -51,7 +51,7 @@ for item in $suite; do
     io)  # what bounds SmolLM2's writing on this host (about 5 minutes): the disk at 1, 3 and 6 threads,
       # the part writer alone at its defaults, with more flushes and parts in flight, and without aux
       # compression, each with the cores its threads kept busy; then the extraction with the same probe
-      step io_disk python bench/disk_speed.py --gib 4 --threads 1,3,6
+      step io_disk python bench/disk_speed.py --gib 4 --threads 1,3,6 --write-modes buffered,streamed,direct
       handoff="python bench/writer_speed.py --hidden 576 --vocab 49152 --tokens 2000000 --part-tokens 65536 \
         --batch-tokens 32768 --busy 0 --only-handoff --thread-cpu"
       step io_writer_default $handoff
@@ -60,7 +60,13 @@ for item in $suite; do
       step io_writer_raw_aux $handoff --aux-compression none
       # bf16/topk, then bf16/both (the final state too: ~1.4x the bytes per token, more than the disk takes)
       step io_extract env CUDA_VISIBLE_DEVICES=0 python bench/extract_speed.py --device cuda --skip-8b --tokens 4000000 \
-        --settings bf16/topk,bf16/both --no-compare-padded --no-compare-eager --disk-gib 2 --thread-cpu ;;
+        --settings bf16/topk,bf16/both --no-compare-padded --no-compare-eager --disk-gib 2 --thread-cpu
+      # the same extraction into memory (tmpfs): what the pipeline reaches with no disk at all
+      if [ -d /dev/shm ]; then
+        step io_extract_tmpfs env TMPDIR=/dev/shm CUDA_VISIBLE_DEVICES=0 python bench/extract_speed.py --device cuda \
+          --skip-8b --tokens 4000000 --settings bf16/topk --no-compare-padded --no-compare-eager --disk-gib 1 --thread-cpu
+        rm -rf /dev/shm/talon-*
+      fi ;;
     *) echo "unknown suite item: $item (tests, multi, train, extract, reader, writer, io)" ;;
   esac
 done

@@ -172,6 +172,8 @@ def time_handoff(parts, args, work: Path, widths, busy: float, compression: str 
         extra["sync_threads"] = args.sync_threads
     if args.max_unsealed and _supports(BackgroundPartWriter.__init__, "max_unsealed"):
         extra["max_unsealed"] = args.max_unsealed
+    if args.write_mode and _supports(BackgroundPartWriter.__init__, "write_mode"):
+        extra["write_mode"] = args.write_mode
     hog = GilHog(busy) if busy else None
     if hog:
         hog.__enter__()
@@ -222,6 +224,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=2000)
     parser.add_argument("--pool-rows", type=int, default=4096, help="distinct synthetic token rows (samples are slices of them)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write-mode", default=None, help="how shard files reach the disk: buffered, streamed or direct "
+                        "(schemas/file_sink.py; default: the writer's)")
     parser.add_argument("--only-handoff", action="store_true", help="stop after the hand-off rows (e.g. under a profiler)")
     parser.add_argument("--thread-cpu", action="store_true",
                         help="print the cores each thread group kept busy during the hand-off, and the host's busy share")
