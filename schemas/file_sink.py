@@ -105,15 +105,17 @@ class FileSink:
             self._staging = mmap.mmap(-1, STAGING_BYTES)  # page-aligned
         source = np.frombuffer(view, dtype=np.uint8)
         staging = np.frombuffer(self._staging, dtype=np.uint8)
-        taken = 0
-        while taken < source.size:
-            n = min(source.size - taken, STAGING_BYTES - self._staged)
-            staging[self._staged : self._staged + n] = source[taken : taken + n]  # numpy copies without the GIL
-            self._staged += n
-            taken += n
-            if self._staged == STAGING_BYTES:
-                self._write_staged(STAGING_BYTES)
-        del staging  # no export may outlive a write: the mmap is closed later
+        try:
+            taken = 0
+            while taken < source.size:
+                n = min(source.size - taken, STAGING_BYTES - self._staged)
+                staging[self._staged : self._staged + n] = source[taken : taken + n]  # numpy copies without the GIL
+                self._staged += n
+                taken += n
+                if self._staged == STAGING_BYTES:
+                    self._write_staged(STAGING_BYTES)
+        finally:
+            del staging  # no export may outlive a write: the mmap is closed later
         self.size += source.size
 
     def _write_staged(self, nbytes: int) -> None:
@@ -123,11 +125,18 @@ class FileSink:
         self._flushed += nbytes
         self._staged = 0
 
+    def _release_staging(self) -> None:
+        if self._staging is not None:
+            try:
+                self._staging.close()
+            except BufferError:  # a failed write's traceback still refers to it: freed with it
+                pass
+            self._staging = None
+
     def discard(self) -> None:
         """Close the file unfinished (the caller failed while writing it)."""
         os.close(self._fd)
-        if self._staging is not None:
-            self._staging.close()
+        self._release_staging()
 
     def close(self) -> None:
         try:
@@ -139,5 +148,4 @@ class FileSink:
                 os.ftruncate(self._fd, self.size)  # drop the last block's padding
         finally:
             os.close(self._fd)
-            if self._staging is not None:
-                self._staging.close()
+            self._release_staging()

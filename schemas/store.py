@@ -34,7 +34,7 @@ from packaging.version import Version
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from schemas.checksum import DEFAULT_CHECKSUM, checksum, crc32c_of_bytes, running_sample_checksums
-from schemas.file_sink import DEFAULT_WRITE_MODE, FileSink
+from schemas.file_sink import DEFAULT_WRITE_MODE, FileSink, check_write_mode
 from schemas.fp8 import dequantize_to_bf16_bits
 from schemas.shard import EMPTY_CHUNK, ShardArray
 from schemas.layout import AUX_COMPRESSIONS, DEFAULT_AUX_COMPRESSION, LEGACY_AUX_COMPRESSION, array_specs, resolve_aux_compression
@@ -162,17 +162,7 @@ def _all_zero(raw: np.ndarray) -> bool:
 def _encode_chunks(codec, data: np.ndarray, starts: range, rows: int) -> list:
     """Inner chunks ``data[start:start+rows]`` (the last one padded with the fill value 0) as
     zarr stores them: None for a chunk whose every byte equals the fill value (zarr's default
-    ``write_empty_chunks=False`` leaves such chunks out of the shard), else the encoded bytes.
-    The whole chunks are checked for fill in one numpy call: every call that gives the GIL back
-    may wait for it while the extraction's other threads run Python."""
-    whole = [start for start in starts if start + rows <= len(data)]
-    empty = {}
-    if whole:
-        block = data[whole[0] : whole[-1] + rows]
-        words = block.reshape(len(whole), -1).view(np.uint8)
-        if words.shape[1] % 8 == 0:
-            words = words.view(np.uint64)
-        empty = dict(zip(whole, (~words.any(axis=1)).tolist()))
+    ``write_empty_chunks=False`` leaves such chunks out of the shard), else the encoded bytes."""
     out = []
     for start in starts:
         block = data[start : start + rows]
@@ -181,8 +171,7 @@ def _encode_chunks(codec, data: np.ndarray, starts: range, rows: int) -> list:
             padded[: len(block)] = block
             block = padded
         raw = block.reshape(-1).view(np.uint8)
-        is_empty = empty[start] if start in empty else _all_zero(raw)
-        out.append(None if is_empty else codec.encode(raw) if codec is not None else raw)
+        out.append(None if _all_zero(raw) else codec.encode(raw) if codec is not None else raw)
     return out
 
 
@@ -294,6 +283,7 @@ def write_part_group(
     chunk at a time through zarr's event loop.  Returns once the group is on the disk
     (:func:`fsync_tree`), or with ``sync=False`` once it is written (the caller flushes it
     before sealing the part)."""
+    check_write_mode(write_mode)
     path = group_path(worker_dir, name)
     if path.exists():
         shutil.rmtree(path)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas.checksum import DEFAULT_CHECKSUM
-from schemas.file_sink import DEFAULT_WRITE_MODE
+from schemas.file_sink import DEFAULT_WRITE_MODE, check_write_mode
 from schemas.layout import DEFAULT_AUX_COMPRESSION, part_name
 from schemas.manifest import PartSeal, write_seal
 from schemas.store import encode_pool, fsync_tree, group_path, write_part_group
@@ -202,7 +202,11 @@ class PartBuilder:
                 buffer = buffers.take(name, n_rows, first.shape[1:], first.dtype)
                 self.borrowed.append((name, buffer))
                 out = buffer[:n_rows]
-            concatenate_rows([getattr(sample, name) for sample in self.samples], out)
+            planes = [getattr(sample, name) for sample in self.samples]
+            for sample, plane, n in zip(self.samples, planes, lengths):
+                if len(plane) != n:  # one concatenation checks only the total
+                    raise ValueError(f"record {sample.record_index}: {len(plane)} rows of {name} for {n} tokens")
+            concatenate_rows(planes, out)
             arrays[name] = out
         return arrays
 
@@ -274,7 +278,7 @@ class BackgroundPartWriter:
         self._teacher = teacher
         self._aux_compression = aux_compression
         self._checksum_name = checksum_name
-        self._write_mode = write_mode
+        self._write_mode = check_write_mode(write_mode)
         self._pool = encode_pool(encode_threads)
         self._buffers = PlaneBuffers(keep=max(1, threads))
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)

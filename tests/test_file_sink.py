@@ -85,3 +85,57 @@ def test_parts_written_in_any_mode_equal_buffered_parts(tmp_path, monkeypatch, m
     assert out[mode][1] == out["buffered"][1]
     aux = [path for path in out[mode][0] if "aux_hidden" in path.parts and path.name != "zarr.json"]
     assert aux and len(out[mode][0][aux[0]]) > 2 * ALIGNMENT and len(out[mode][0][aux[0]]) % ALIGNMENT
+
+
+@pytest.mark.parametrize("fails_at", ["a staged block", "the last block"])
+def test_a_failed_direct_write_raises_its_own_error(tmp_path, monkeypatch, fails_at):
+    """A full disk while writing stays the error the caller sees (the staging buffer, still
+    referred to by the failed call's frames, is left to be freed with them)."""
+    import errno
+    import os
+
+    monkeypatch.setattr(schemas.file_sink, "STAGING_BYTES", 2 * ALIGNMENT)
+    _, views = _pieces(np.random.default_rng(2), [3 * ALIGNMENT + 10 if fails_at == "a staged block" else 100])
+    sink = FileSink(tmp_path / "f", "direct")
+
+    def full(fd, buffers):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", full)
+    with pytest.raises(OSError, match="No space left") as raised:
+        sink.write(views)
+        sink.close()
+    assert raised.value.errno == errno.ENOSPC
+    if fails_at == "a staged block":
+        sink.discard()  # what _write_shard does after a failed write
+
+
+def test_direct_mode_falls_back_where_o_direct_is_refused(tmp_path, monkeypatch):
+    """tmpfs refuses O_DIRECT at open (EINVAL): the same aligned writes then go through the page cache."""
+    import errno
+    import os
+
+    real_open = os.open
+
+    def no_direct(path, flags, mode=0o777):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    monkeypatch.setattr(schemas.file_sink, "STAGING_BYTES", 2 * ALIGNMENT)
+    data, views = _pieces(np.random.default_rng(4), [5000, 9000, 3])
+    sink = FileSink(tmp_path / "f", "direct")
+    sink.write(views)
+    sink.close()
+    assert not sink.o_direct and (tmp_path / "f").read_bytes() == data
+
+
+def test_writers_refuse_an_unknown_write_mode_before_writing(tmp_path):
+    from stage_extract.writer import BackgroundPartWriter
+
+    with pytest.raises(ValueError, match="'async' is not one of"):
+        BackgroundPartWriter(tmp_path, 300, write_mode="async")
+    with pytest.raises(ValueError, match="'async' is not one of"):
+        write_part_group(tmp_path, "part-000000", {}, 300, write_mode="async")
+    assert not (tmp_path / "parts").exists()

@@ -313,3 +313,6 @@ def test_concatenated_planes_equal_numpys_concatenation():
     assert np.array_equal(builder.arrays()["aux_hidden"], expected["aux_hidden"])
     out = np.zeros((0, 5), np.float32)
     concatenate_rows([np.zeros((0, 5), np.float32)], out)  # nothing to copy
+    builder.samples[5].topk_ids = builder.samples[5].topk_ids[1:]  # one row short of its tokens
+    with pytest.raises(ValueError, match=f"record {builder.samples[5].record_index}: .* rows of topk_ids for"):
+        builder.arrays()
