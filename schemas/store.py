@@ -178,12 +178,12 @@ def _encode_chunks(codec, data: np.ndarray, starts: range, rows: int) -> list:
 def _write_shard(path: Path, tasks: list, n_chunks: int, write_mode: str = DEFAULT_WRITE_MODE) -> int:
     """Write a ``sharding_indexed`` shard: the present inner chunks in order (zarr's morton order
     is plain row order for a column of chunks), then the ``(offset, nbytes)`` uint64 index with
-    its CRC32C, and return the file's size.  No file when every chunk is absent, as zarr does.  ``tasks`` are futures of
-    :func:`_encode_chunks`, in chunk order.  The chunks (~1 MB each) reach the file
-    :data:`WRITE_BATCH_BYTES` at a time, in one ``writev`` call (``write_mode``: see
-    :mod:`schemas.file_sink`): on an H200 host's disk, three threads writing parts in 16 MiB
-    writes reached 1,771 MB/s against 1,532 in 0.75 MB writes (``bench/disk_speed.py
-    --write-mb``; one thread: 1,247 against 1,221)."""
+    its CRC32C; returns the file's size.  No file (size 0) when every chunk is absent, as zarr
+    does.  ``tasks`` are futures of :func:`_encode_chunks`, in chunk order.  The chunks (~1 MB
+    each) reach the file :data:`WRITE_BATCH_BYTES` at a time, in one ``writev`` call
+    (``write_mode``: see :mod:`schemas.file_sink`): on an H200 host's disk, three threads
+    writing parts in 16 MiB writes reached 1,771 MB/s against 1,532 in 0.75 MB writes
+    (``bench/disk_speed.py --write-mb``; one thread: 1,247 against 1,221)."""
     index = np.full((n_chunks, 2), EMPTY_CHUNK, dtype="<u8")
     offset, written, position, sink = 0, 0, 0, None  # bytes indexed, bytes in the file, chunks seen
     batch: list[memoryview] = []
