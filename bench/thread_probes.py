@@ -8,7 +8,10 @@ every thread's user + system time from ``/proc/self/task/*/stat`` every ``interv
 (the last reading of a thread that exits in between is kept), names each by its Python thread
 (``talon-encode_3`` counts as ``talon-encode``) or else by its kernel name (``native:...``:
 CUDA's, PyTorch's and the tokenizer's own threads), and prints the cores each group kept busy
-beside the whole host's busy share from ``/proc/stat``.
+beside the whole host's busy share from ``/proc/stat``.  It also runs a GIL probe: a thread that
+sleeps 2 ms at a time (the GIL released) and records how much later than asked it runs Python
+again.  On an idle interpreter that is the OS's wake-up (~0.1 ms); when other threads keep the
+GIL busy it is mostly the wait for it, which no CPU counter shows.
 
     with thread_cpu() as report:
         run()
@@ -61,16 +64,55 @@ class ThreadCpuReport:
     host_busy: float = 0.0  # share of all the host's cores busy over the block
     process: float = 0.0  # cores this process kept busy
     groups: dict[str, float] = field(default_factory=dict)  # cores per thread group
+    gil_wait_ms: dict[str, float] = field(default_factory=dict)  # the GIL probe's lateness, see wait_percentiles
 
     def table(self) -> str:
         rows = sorted(self.groups.items(), key=lambda item: -item[1])
         listed = ", ".join(f"{name} {cores:.2f}" for name, cores in rows if cores >= 0.05)
-        return (f"CPU over {self.wall:.1f} s: the host's {self.cores} cores {100 * self.host_busy:.0f} % busy; this "
+        line = (f"CPU over {self.wall:.1f} s: the host's {self.cores} cores {100 * self.host_busy:.0f} % busy; this "
                 f"process {self.process:.2f} cores: {listed}")
+        if self.gil_wait_ms:
+            waits = self.gil_wait_ms
+            line += (f"; GIL probe late by {waits['median']:.2f} ms (median), {waits['p90']:.2f} (p90), "
+                     f"{waits['p99']:.2f} (p99) over {waits['count']:.0f} wake-ups")
+        return line
 
     def as_dict(self) -> dict:
         return {"wall_s": self.wall, "cores": self.cores, "host_busy": self.host_busy, "process_cores": self.process,
-                "cores_per_group": dict(self.groups)}
+                "cores_per_group": dict(self.groups), "gil_probe_late_ms": dict(self.gil_wait_ms)}
+
+
+def wait_percentiles(late_seconds: list[float]) -> dict[str, float]:
+    """Median, p90 and p99 (nearest rank) of the probe's lateness, in ms; empty without samples."""
+    if not late_seconds:
+        return {}
+    ordered = sorted(late_seconds)
+
+    def rank(q: float) -> float:
+        return 1000 * ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
+
+    return {"median": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "count": float(len(ordered))}
+
+
+@contextlib.contextmanager
+def gil_probe(late: list[float], sleep: float = 0.002):
+    """While the block runs, append to ``late`` how late (seconds) a thread that sleeps
+    ``sleep`` at a time runs Python again after each sleep."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            asked = time.perf_counter()
+            time.sleep(sleep)
+            late.append(max(0.0, time.perf_counter() - asked - sleep))
+
+    thread = threading.Thread(target=loop, name="gil-probe", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextlib.contextmanager
@@ -112,10 +154,12 @@ def thread_cpu(interval: float = 0.25):
     process0 = sum(os.times()[:2])
     started = time.perf_counter()
     poll()
+    late: list[float] = []
     try:
-        with polling(poll, interval, "thread-cpu-poller"):
+        with polling(poll, interval, "thread-cpu-poller"), gil_probe(late):
             yield report
     finally:
+        report.gil_wait_ms = wait_percentiles(late)
         poll()
         report.wall = time.perf_counter() - started
         busy1, total1 = _host_busy_and_total()

@@ -66,3 +66,20 @@ def test_thread_cpu_attributes_a_busy_thread_to_its_group():
     assert report.process * report.wall >= spun * report.wall - 0.05
     assert 0.0 <= report.host_busy <= 1.0
     assert "bench-spin" in report.table() or "(ended unread)" in report.table()
+
+
+def test_gil_probe_percentiles_and_report():
+    from bench.thread_probes import ThreadCpuReport, gil_probe, wait_percentiles
+
+    assert wait_percentiles([]) == {}
+    late = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    assert wait_percentiles(late) == {"median": 50.0, "p90": 90.0, "p99": 99.0, "count": 100.0}
+    assert wait_percentiles([0.004]) == {"median": 4.0, "p90": 4.0, "p99": 4.0, "count": 1.0}
+    report = ThreadCpuReport(wall=1.0, groups={"x": 1.0}, gil_wait_ms=wait_percentiles(late))
+    assert "late by 50.00 ms (median), 90.00 (p90), 99.00 (p99) over 100 wake-ups" in report.table()
+    collected: list[float] = []
+    with gil_probe(collected, sleep=0.001):
+        import time
+
+        time.sleep(0.05)
+    assert collected and all(value >= 0.0 for value in collected)
