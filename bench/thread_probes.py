@@ -95,27 +95,6 @@ def wait_percentiles(late_seconds: list[float]) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def gil_probe(late: list[float], sleep: float = 0.002):
-    """While the block runs, append to ``late`` how late (seconds) a thread that sleeps
-    ``sleep`` at a time runs Python again after each sleep."""
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            asked = time.perf_counter()
-            time.sleep(sleep)
-            late.append(max(0.0, time.perf_counter() - asked - sleep))
-
-    thread = threading.Thread(target=loop, name="gil-probe", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-@contextlib.contextmanager
 def polling(step, interval: float, name: str):
     """Call ``step()`` every ``interval`` seconds on a daemon thread while the block runs."""
     stop = threading.Event()
@@ -131,6 +110,21 @@ def polling(step, interval: float, name: str):
     finally:
         stop.set()
         thread.join()
+
+
+@contextlib.contextmanager
+def gil_probe(late: list[float], sleep: float = 0.002):
+    """While the block runs, append to ``late`` how late (seconds) a thread that sleeps
+    ``sleep`` at a time (the GIL released) runs Python again after each sleep."""
+    woke = [time.perf_counter()]
+
+    def step() -> None:
+        now = time.perf_counter()
+        late.append(max(0.0, now - woke[0] - sleep))
+        woke[0] = time.perf_counter()
+
+    with polling(step, sleep, "gil-probe"):
+        yield
 
 
 @contextlib.contextmanager
