@@ -110,3 +110,21 @@ def resolve(device: str) -> torch.device:
     from pipeline.runtime import resolve_device
 
     return resolve_device(device)
+
+
+def use_tokenizer_start_method(method: str | None) -> None:
+    """Start tokenizer processes with ``method`` (``fork``, ``forkserver``, ``spawn``) instead of
+    the run path's fork server: for comparing their start-up on a host (``--tokenizer-start``)."""
+    if not method:
+        return
+    import multiprocessing
+    import warnings
+
+    import stage_extract.tokenize_ahead as ahead
+
+    def context():
+        if method == "fork":  # the children only tokenise: CUDA and the other threads stay in the parent
+            warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks.*")
+        return multiprocessing.get_context(method)
+
+    ahead._process_context = context

@@ -45,7 +45,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.disk_speed import disk_bandwidths  # noqa: E402
-from bench.common import aux_layers_for, build_llama_8b, markdown_table, resolve, smollm2_tokenizer, sync, synthetic_chats  # noqa: E402
+from bench.common import (aux_layers_for, build_llama_8b, markdown_table, resolve, smollm2_tokenizer, sync,  # noqa: E402
+                          synthetic_chats, use_tokenizer_start_method)
 from bench.thread_probes import thread_cpu, thread_sampler  # noqa: E402
 
 
@@ -197,6 +198,35 @@ def phase_timers():
             setattr(owner, attr, original)
 
 
+@contextlib.contextmanager
+def pretokenized(data: Path, tokenizer, max_length: int):
+    """The run path's records tokenised before the run starts, then replayed to it: what the
+    extraction reaches with no tokenising beside it (``--pretokenized``).  Patched in for the run,
+    restored after; the cache is the same."""
+    import stage_extract.run as run_path
+    from stage_extract.records import RecordStats, iter_chat_records
+    from stage_extract.tokenize_ahead import TokenizedRecord, tokenize_ahead
+
+    stats = RecordStats()
+    items = list(tokenize_ahead(iter_chat_records(str(data), stats=stats), stats, tokenizer, max_length=max_length,
+                                background=True))
+    final = stats.as_dict()
+
+    def replay(records, run_stats, _tokenizer, *, max_length, wanted=lambda record: True, workers=0, background=False):
+        for item in items:
+            keep = wanted(item.record)
+            yield TokenizedRecord(item.record, keep, item.tokens if keep else None, item.stats)
+        for key, value in final.items():
+            setattr(run_stats, key, value)
+
+    original = run_path.tokenize_ahead
+    run_path.tokenize_ahead = replay
+    try:
+        yield
+    finally:
+        run_path.tokenize_ahead = original
+
+
 def sustained_rate(seals: list[tuple[float, int]], warm_share: float = 0.25) -> float | None:
     """Tokens per second at which parts were sealed once the pipeline was full: from the seal
     of the part that ends the first ``warm_share`` of the parts to the last seal (which waits
@@ -255,12 +285,14 @@ def bench_target(name: str, tokenizer, model, device, dtype, args, work: Path, g
                                 device=device.type, progress=False, feature_dtype=feature_dtype, teacher=teacher,
                                 aux_compression=args.aux_compression, batching=args.batching,
                                 tokenizer_workers=args.tokenizer_workers, cuda_graphs=args.cuda_graphs)
-            sync(device)
-            started = time.perf_counter()
             sampler = thread_sampler() if args.sample_threads else contextlib.nullcontext()
             cpu = thread_cpu() if args.thread_cpu else contextlib.nullcontext()
-            with phase_timers() as phases, sampler, cpu as cpu_report:
-                summary = extract_with_model(cfg, tokenizer, model, device=device, dtype=dtype)
+            replayed = pretokenized(data, tokenizer, args.max_length) if args.pretokenized else contextlib.nullcontext()
+            with replayed:
+                sync(device)
+                started = time.perf_counter()
+                with phase_timers() as phases, sampler, cpu as cpu_report:
+                    summary = extract_with_model(cfg, tokenizer, model, device=device, dtype=dtype)
             if cpu_report is not None:
                 print(f"{name} {setting}: {cpu_report.table()}", file=sys.stderr)
             sync(device)
@@ -331,12 +363,18 @@ def main() -> None:
     parser.add_argument("--no-compare-eager", dest="compare_eager", action="store_false",
                         help="skip timing the eager forwards beside the CUDA-graph ones")
     parser.add_argument("--tokenizer-workers", type=int, default=0, help="talon extract --tokenizer-workers")
+    parser.add_argument("--tokenizer-start", default=None, choices=("fork", "forkserver", "spawn"),
+                        help="how tokenizer processes start (default: the run path's fork server)")
+    parser.add_argument("--pretokenized", action="store_true",
+                        help="tokenise the run's records before it starts and replay them to it: the extraction with "
+                             "no tokenising beside it (the tokenizer feeder's share of the run)")
     parser.add_argument("--thread-cpu", action="store_true",
                         help="print the cores each thread group (encoding pool, part writers, main thread, CUDA's and "
                              "the tokenizer's native threads...) kept busy during each run, and the whole host's busy share")
     parser.add_argument("--sample-threads", action="store_true",
                         help="print where the run's main thread and its tokenizer feeder spend their time (stack samples every 10 ms)")
     args = parser.parse_args()
+    use_tokenizer_start_method(args.tokenizer_start)
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if args.writer_threads or args.encode_threads or args.sync_threads or args.max_unsealed or args.max_pending or args.write_mode:

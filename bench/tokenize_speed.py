@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import markdown_table, smollm2_tokenizer, synthetic_chats  # noqa: E402
+from bench.common import markdown_table, smollm2_tokenizer, synthetic_chats, use_tokenizer_start_method  # noqa: E402
 
 
 def measure(data: Path, tokenizer, mode: str, max_length: int) -> tuple[int, float, float, float | None]:
@@ -61,7 +61,10 @@ def main() -> None:
     parser.add_argument("--modes", default="inline,thread,4,8",
                         help="comma-separated: inline, thread, or a number of tokenizer processes")
     parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--tokenizer-start", default=None, choices=("fork", "forkserver", "spawn"),
+                        help="how tokenizer processes start (default: the run path's fork server)")
     args = parser.parse_args()
+    use_tokenizer_start_method(args.tokenizer_start)
     import os
 
     tokenizer = smollm2_tokenizer()
