@@ -114,17 +114,8 @@ def resolve(device: str) -> torch.device:
 
 def use_tokenizer_start_method(method: str | None) -> None:
     """Start tokenizer processes with ``method`` (``fork``, ``forkserver``, ``spawn``) instead of
-    the run path's fork server: for comparing their start-up on a host (``--tokenizer-start``)."""
-    if not method:
-        return
-    import multiprocessing
-    import warnings
+    the run path's choice: for comparing their start-up on a host (``--tokenizer-start``)."""
+    if method:
+        import stage_extract.tokenize_ahead as ahead
 
-    import stage_extract.tokenize_ahead as ahead
-
-    def context():
-        if method == "fork":  # the children only tokenise: CUDA and the other threads stay in the parent
-            warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks.*")
-        return multiprocessing.get_context(method)
-
-    ahead._process_context = context
+        ahead._start_method = lambda: method

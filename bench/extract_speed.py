@@ -362,7 +362,8 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"), help="talon extract --cuda-graphs")
     parser.add_argument("--no-compare-eager", dest="compare_eager", action="store_false",
                         help="skip timing the eager forwards beside the CUDA-graph ones")
-    parser.add_argument("--tokenizer-workers", type=int, default=0, help="talon extract --tokenizer-workers")
+    parser.add_argument("--tokenizer-workers", type=int, default=None,
+                        help="talon extract --tokenizer-workers (default: the run path's, 2 processes on a GPU)")
     parser.add_argument("--tokenizer-start", default=None, choices=("fork", "forkserver", "spawn"),
                         help="how tokenizer processes start (default: the run path's fork server)")
     parser.add_argument("--pretokenized", action="store_true",

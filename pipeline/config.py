@@ -46,7 +46,7 @@ class ExtractConfig:
     backend: str = "hf"
     vllm_gpu_memory_utilization: float = 0.85
     tensor_parallel_size: int = 1
-    tokenizer_workers: int = 0
+    tokenizer_workers: int | None = None  # None: stage_extract.run.tokenizer_processes decides
     batching: str = "auto"
     cuda_graphs: str = "auto"
 
@@ -64,7 +64,7 @@ class ExtractConfig:
         _require(1 <= self.top_k <= 65536, "--top-k must be between 1 and 65536")
         _require(self.batch_tokens >= self.max_length, f"--batch-tokens ({self.batch_tokens}) must be at least --max-length ({self.max_length}) so every sample fits a batch")
         _require(self.part_tokens >= 1, "--part-tokens must be positive")
-        _require(0 <= self.tokenizer_workers <= 64, "--tokenizer-workers must be in [0, 64]")
+        _require(self.tokenizer_workers is None or 0 <= self.tokenizer_workers <= 64, "--tokenizer-workers must be in [0, 64]")
         _require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
         _require(self.layers is None or len(self.layers) == 3, "--layers needs exactly three comma-separated ids")
         _require(self.feature_dtype in FEATURE_DTYPES, f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}")

@@ -1,14 +1,19 @@
 """Tokenising chat records ahead of the target's forwards.
 
-Rendering a chat template and encoding it cost ~250k tokens/s of one core, about a small
-target's forward rate, so on a GPU :func:`tokenize_ahead` runs them off the main thread: a
-producer thread reads the records and tokenises them in chunks, one fast-tokenizer call encoding a
-whole chunk (the tokenizer spreads it over the cores, outside the GIL; the rendering stays
-Python), behind a bounded queue.  Optionally the chunks go to tokenizer processes instead; those
-take seconds to start (6-14 s measured on an H200 host, each imports transformers), and until one
-is up the producer thread tokenises the chunks itself.  Inline (no thread, no process, record by
-record) is what CPU extraction uses, where the cores run the target.  The output is the same in
-every mode: only where the work runs changes.
+Rendering a chat template, encoding it and turning the encoding into arrays cost about 1 s of
+Python (GIL-holding) time per million tokens, on top of the encoding itself.  A small target such
+as SmolLM2 computes features at ~460k tokens/s on an H200, so tokenising in the extraction process
+would keep its GIL busy a third of the time: a thread that holds the GIL for its whole switch
+interval makes the part writers wait up to 5 ms every time they need it back, and writing falls
+behind (measured: 0.59 of the features' rate with a tokenizer thread, 0.87 with the records
+tokenised beforehand).  So on a GPU :func:`tokenize_ahead` sends chunks of records to tokenizer
+processes.  On Linux they are forked from the extraction process before any of its threads
+tokenises (0.3-0.4 s for 2-8 of them on an H200 host; they never touch CUDA); elsewhere they fork
+from a fork server that imports torch and transformers first (6-14 s), and until one is up the
+producer thread tokenises the chunks itself.  A background thread alone (``workers=0,
+background=True``) tokenises a chunk at a time, with one encoding call spread over the cores.
+Inline (no thread, no process, record by record) is what CPU extraction uses, where the cores run
+the target.  The output is the same in every mode: only where the work runs changes.
 
 Records that ``wanted`` refuses (already sealed, another worker's) pass through untokenised.
 Every item carries a snapshot of the reader's :class:`RecordStats` after its record, so that a
@@ -19,7 +24,9 @@ happened (a tokenizer error names the record's source), after every record befor
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import sys
 import tempfile
 import threading
 import warnings
@@ -110,38 +117,77 @@ def tokenize_ahead(
             tokens = tokenize_record(tokenizer, record, max_length) if keep else None
             yield TokenizedRecord(record, keep, tokens, stats.as_dict())
         return
-    yield from prefetch(_tokenized_in_chunks(records, stats, tokenizer, wanted, max_length, workers), depth=QUEUE_RECORDS)
+    # Made here, on the consumer's thread, before the producer thread starts: forked processes
+    # then copy no lock that a thread of this module (or the tokenizer's) holds mid-encoding.
+    pool = _BackgroundPool(workers, tokenizer) if workers else None
+    try:
+        yield from prefetch(_tokenized_in_chunks(records, stats, tokenizer, wanted, max_length, workers, pool),
+                            depth=QUEUE_RECORDS)
+    finally:  # the producer thread has ended: nothing submits any more
+        if pool is not None:
+            pool.shutdown()
 
 
-def _process_context():
-    """Tokenizer processes fork from a fork server that imported torch and transformers once.
-    Not a plain fork: the extraction process holds CUDA and threads.  Not spawn: every child
-    would import torch and transformers itself (each child re-imports the ``__main__`` module,
-    the CLI or a benchmark, which imports torch), ~10 s a process on an H200 host; forked from
-    the server, that re-import finds them loaded."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "transformers", "stage_extract.tokenize_ahead"])
+def _start_method() -> str:
+    """``fork`` on Linux: the children only tokenise, so the extraction's CUDA context and
+    threads, which they inherit idle, are never used there (as in a DataLoader's workers).
+    Elsewhere ``forkserver`` (macOS's system libraries do not survive a fork)."""
+    return "fork" if sys.platform.startswith("linux") else "forkserver"
+
+
+def _process_context(method: str):
+    """Not spawn: every child would import torch and transformers itself (each child re-imports
+    the ``__main__`` module, the CLI or a benchmark, which imports torch), ~10 s a process on an
+    H200 host.  The fork server imports them once, and its children find them loaded."""
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["torch", "transformers", "stage_extract.tokenize_ahead"])
     return context
 
 
-class _BackgroundPool:
-    """A process pool started by a thread of its own: starting the fork server and the
-    processes takes seconds, during which the producer tokenises chunks itself instead of
-    waiting.  :meth:`ready` turns true once a process holds the tokenizer; a pool that fails to
-    start stays not ready (everything is then tokenised inline, with the same result)."""
+@contextlib.contextmanager
+def _fork_warning_ignored():
+    """Python 3.12+ warns of any fork in a process with threads; these children never use them.
+    (Only on the caller's thread: ``catch_warnings`` swaps the process's filters.)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning)
+        yield
 
-    def __init__(self, workers: int, tokenizer_source: Any):
+
+class _BackgroundPool:
+    """``workers`` tokenizer processes.  Forked (:func:`_start_method`), they start in
+    ``__init__`` (0.3-0.4 s on an H200 host) and inherit ``tokenizer`` as it is.  From a fork
+    server they start on a thread of their own, which takes seconds, during which the producer
+    tokenises chunks itself instead of waiting; they load the tokenizer from a folder it is
+    saved to (not a pickle of MBs: a process reads its start arguments only once it runs, and
+    the writer of a pipe that size waits for it).  :meth:`ready` turns true once a process holds
+    the tokenizer; a pool that fails to start stays not ready (everything is then tokenised
+    inline, with the same result).  ``tokenizer`` may also be a saved folder's path."""
+
+    def __init__(self, workers: int, tokenizer: Any):
         self.pool: ProcessPoolExecutor | None = None
         self._up = threading.Event()
-        self._thread = threading.Thread(target=self._start, args=(workers, tokenizer_source),
+        self._folder: tempfile.TemporaryDirectory | None = None
+        self._thread: threading.Thread | None = None
+        method = _start_method()
+        if method == "fork":
+            self._start(workers, tokenizer, method)
+            return
+        source = tokenizer  # a stand-in without save_pretrained (tests) goes as a pickle
+        if hasattr(tokenizer, "save_pretrained"):
+            self._folder = tempfile.TemporaryDirectory(prefix="talon-tokenizer-")
+            tokenizer.save_pretrained(self._folder.name)
+            source = self._folder.name
+        self._thread = threading.Thread(target=self._start, args=(workers, source, method),
                                         name="talon-tokenizer-start", daemon=True)
         self._thread.start()
 
-    def _start(self, workers: int, tokenizer_source: Any) -> None:
+    def _start(self, workers: int, tokenizer_source: Any, method: str) -> None:
         try:
-            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=_process_context(),
-                                            initializer=_init_worker, initargs=(tokenizer_source,))
-            started = [self.pool.submit(_worker_ready) for _ in range(workers)]  # one process each
+            with _fork_warning_ignored() if method == "fork" else contextlib.nullcontext():
+                self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=_process_context(method),
+                                                initializer=_init_worker, initargs=(tokenizer_source,))
+                started = [self.pool.submit(_worker_ready) for _ in range(workers)]  # one process each
             started[0].result()
             self._up.set()
         except Exception as err:  # noqa: BLE001 - no pool: the producer keeps tokenising inline
@@ -152,26 +198,19 @@ class _BackgroundPool:
         return self._up.is_set()
 
     def shutdown(self) -> None:
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        if self._folder is not None:
+            self._folder.cleanup()
 
 
-def _tokenized_in_chunks(records, stats, tokenizer, wanted, max_length: int, workers: int) -> Iterator[TokenizedRecord]:
-    """Chunks of wanted records are tokenised here, or with ``workers`` >= 1 go to a pool of
-    that many processes; the items come back in record order.  Until a process is up, chunks
-    are tokenised here instead (in order, when their turn comes).  Closing the generator shuts
-    the pool down."""
-    folder = starting = None
-    if workers:
-        # The processes get the tokenizer as a saved folder, not as a pickle (MBs): a process reads
-        # its start arguments only once it runs, and the writer of a pipe that size waits for it.
-        folder = tempfile.TemporaryDirectory(prefix="talon-tokenizer-")
-        source = tokenizer  # a stand-in without save_pretrained (tests) goes as a pickle
-        if hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(folder.name)
-            source = folder.name
-        starting = _BackgroundPool(workers, source)
+def _tokenized_in_chunks(records, stats, tokenizer, wanted, max_length: int, workers: int,
+                         starting: "_BackgroundPool | None") -> Iterator[TokenizedRecord]:
+    """Chunks of wanted records are tokenised here, or go to the tokenizer processes of
+    ``starting`` (``workers`` of them); the items come back in record order.  Until a process
+    is up, chunks are tokenised here instead (in order, when their turn comes)."""
     in_flight: deque = deque()  # (items of the chunk, future of their wanted records' tokens, or INLINE)
     chunk: list[TokenizedRecord] = []
 
@@ -206,28 +245,23 @@ def _tokenized_in_chunks(records, stats, tokenizer, wanted, max_length: int, wor
                 item.tokens = next(tokens)
             yield item
 
-    try:
-        failure: BaseException | None = None
-        reader = iter(records)
-        while True:
-            try:
-                record = next(reader)
-            except StopIteration:
-                break
-            except BaseException as err:  # the reader failed: the records read before it come first
-                failure = err
-                break
-            chunk.append(TokenizedRecord(record, wanted(record), None, stats.as_dict()))
-            if len(chunk) >= CHUNK_RECORDS:
-                send()
-                while len(in_flight) > 2 * workers:
-                    yield from oldest()
-        send()
-        while in_flight:
-            yield from oldest()
-        if failure is not None:
-            raise failure
-    finally:
-        if starting is not None:
-            starting.shutdown()
-            folder.cleanup()
+    failure: BaseException | None = None
+    reader = iter(records)
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except BaseException as err:  # the reader failed: the records read before it come first
+            failure = err
+            break
+        chunk.append(TokenizedRecord(record, wanted(record), None, stats.as_dict()))
+        if len(chunk) >= CHUNK_RECORDS:
+            send()
+            while len(in_flight) > 2 * workers:
+                yield from oldest()
+    send()
+    while in_flight:
+        yield from oldest()
+    if failure is not None:
+        raise failure

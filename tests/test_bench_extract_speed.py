@@ -83,3 +83,29 @@ def test_gil_probe_percentiles_and_report():
 
         time.sleep(0.05)
     assert collected and all(value >= 0.0 for value in collected)
+
+
+def test_pretokenized_replays_the_run_paths_stream_and_restores_it(smollm2_dir, chat_jsonl):
+    from transformers import AutoTokenizer
+
+    import stage_extract.run as run_path
+    from bench.extract_speed import pretokenized
+    from stage_extract.records import RecordStats, iter_chat_records
+    from stage_extract.tokenize_ahead import tokenize_ahead
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+    def stream(function):
+        stats = RecordStats()
+        items = [(item.record.record_index, item.wanted, None if item.tokens is None else item.tokens.input_ids.tolist(),
+                  item.stats)
+                 for item in function(iter_chat_records(str(chat_jsonl), stats=stats), stats, tokenizer, max_length=64,
+                                      wanted=lambda record: record.record_index % 2 == 0)]
+        return items, stats.as_dict()
+
+    expected = stream(tokenize_ahead)
+    assert any(tokens for _, _, tokens, _ in expected[0]) and any(not wanted for _, wanted, _, _ in expected[0])
+    with pretokenized(chat_jsonl, tokenizer, 64):
+        assert run_path.tokenize_ahead is not tokenize_ahead
+        assert stream(run_path.tokenize_ahead) == expected  # the same items and final reader counts
+    assert run_path.tokenize_ahead is tokenize_ahead

@@ -55,9 +55,12 @@ class _PoolReadyAfterThreeChunks:
     last = None
 
     def __init__(self, workers, tokenizer_source):
+        import threading
         from concurrent.futures import Future
 
         import stage_extract.tokenize_ahead as ahead
+
+        self.made_on = threading.current_thread().name
 
         ahead._init_worker(tokenizer_source)
         self.ran: list[int] = []
@@ -103,14 +106,21 @@ def test_chunks_sent_before_the_processes_start_are_tokenised_in_order_here(toke
     chunks = [r // 10 for r in _PoolReadyAfterThreeChunks.last.ran]  # each chunk's first wanted record
     assert chunks == list(range(7, 15))
     assert _PoolReadyAfterThreeChunks.inline_chunks == set(range(7))
+    # made on the consumer's thread, before the producer thread tokenised anything (forked
+    # processes must not copy a lock held mid-encoding)
+    assert _PoolReadyAfterThreeChunks.last.made_on == "MainThread"
 
 
-def test_background_pool_starts_processes_or_says_why_not(tokenizer, tmp_path):
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_background_pool_starts_processes_or_says_why_not(tokenizer, tmp_path, monkeypatch, method):
     import stage_extract.tokenize_ahead as ahead
 
+    monkeypatch.setattr(ahead, "_start_method", lambda: method)
     folder = tmp_path / "tokenizer"
     tokenizer.save_pretrained(folder)
-    starting = ahead._BackgroundPool(1, str(folder))
+    starting = ahead._BackgroundPool(1, tokenizer if method == "fork" else str(folder))
+    if method == "fork":
+        assert starting.ready()  # forked at once, on this thread
     record = next(iter_chat_records(str(_chats(tmp_path / "chats.jsonl", 3))))
     try:
         for _ in range(600):
@@ -140,7 +150,23 @@ def test_a_thread_or_processes_give_the_inline_stream(tokenizer, tmp_path, monke
     assert any(tokens is not None for _, _, tokens, _ in inline)
     assert [stats["records_read"] for *_, stats in inline] == list(range(1, 151))  # counts after each record
     assert _run(path, tokenizer, 0) == (inline, final)  # a thread, in chunks (one encoding call each)
-    assert _run(path, tokenizer, 2) == (inline, final)
+    assert _run(path, tokenizer, 2) == (inline, final)  # processes forked after the thread used the tokenizer
+
+
+def test_tokenizer_processes_by_default_only_for_the_hf_backend_on_a_gpu(monkeypatch):
+    import torch
+
+    import stage_extract.run as run_path
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(run_path, "cores_per_worker", lambda: 16)
+    assert run_path.tokenizer_processes(None, cuda, "hf") == run_path.DEFAULT_TOKENIZER_PROCESSES == 2
+    assert run_path.tokenizer_processes(None, cpu, "hf") == 0
+    assert run_path.tokenizer_processes(None, cuda, "vllm") == 0
+    assert run_path.tokenizer_processes(0, cuda, "hf") == 0  # asked for the thread
+    assert run_path.tokenizer_processes(5, cpu, "hf") == 5
+    monkeypatch.setattr(run_path, "cores_per_worker", lambda: 3)
+    assert run_path.tokenizer_processes(None, cuda, "hf") == 0
 
 
 @pytest.mark.parametrize("workers, background", [(0, False), (0, True), (1, True)])
