@@ -25,6 +25,7 @@ happened (a tokenizer error names the record's source), after every record befor
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import sys
 import tempfile
@@ -146,12 +147,21 @@ def _process_context(method: str):
 
 
 @contextlib.contextmanager
-def _fork_warning_ignored():
-    """Python 3.12+ warns of any fork in a process with threads; these children never use them.
-    (Only on the caller's thread: ``catch_warnings`` swaps the process's filters.)"""
+def _forking_safely():
+    """Around the forks of tokenizer processes.  The parent's garbage is collected first and its
+    objects frozen (``gc.freeze``) until the children exist, so that a child never collects an
+    object of the parent: a CUDA graph or tensor finalised in a forked child calls CUDA there,
+    which fails (on an H200 host a CUDA graph left over from an earlier run aborted a tokenizer
+    process).  Python 3.12+ also warns of any fork beside threads; these children never use
+    them.  (On the caller's thread only: ``catch_warnings`` swaps the process's filters.)"""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning)
-        yield
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            gc.unfreeze()
 
 
 class _BackgroundPool:
@@ -184,7 +194,7 @@ class _BackgroundPool:
 
     def _start(self, workers: int, tokenizer_source: Any, method: str) -> None:
         try:
-            with _fork_warning_ignored() if method == "fork" else contextlib.nullcontext():
+            with _forking_safely() if method == "fork" else contextlib.nullcontext():
                 self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=_process_context(method),
                                                 initializer=_init_worker, initargs=(tokenizer_source,))
                 started = [self.pool.submit(_worker_ready) for _ in range(workers)]  # one process each

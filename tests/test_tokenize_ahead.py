@@ -5,6 +5,7 @@ record where they happen, and the same cache bytes from a whole extraction."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -222,3 +223,40 @@ def test_extraction_with_tokenizer_processes_writes_the_same_cache(tiny_target_d
     assert read_manifest(out).source_stats == read_manifest(tiny_cache).source_stats
     assert [s.source_stats for s in read_sealed_parts(out)] == [s.source_stats for s in read_sealed_parts(tiny_cache)]
     assert [s.records_consumed for s in read_sealed_parts(out)] == [s.records_consumed for s in read_sealed_parts(tiny_cache)]
+
+
+class _RecordsWhereFinalised:
+    """A reference cycle (only the collector frees it) that appends the finalising process's id
+    to ``path``: a stand-in for a CUDA graph, which a forked child must never finalise."""
+
+    def __init__(self, path):
+        self.path, self.me = path, self
+
+    def __del__(self):
+        with open(self.path, "a") as out:
+            out.write(f"{os.getpid()}\n")
+
+
+def test_forked_tokenizer_processes_never_collect_the_parents_garbage(tokenizer, tmp_path, monkeypatch):
+    import gc
+
+    import stage_extract.tokenize_ahead as ahead
+
+    monkeypatch.setattr(ahead, "_start_method", lambda: "fork")
+    log = tmp_path / "finalised"
+    log.write_text("")
+    gc.disable()  # the cycle stays uncollected until the fork, as a run's leftover graphs can
+    try:
+        _RecordsWhereFinalised(log)
+        starting = ahead._BackgroundPool(1, tokenizer)
+        try:
+            assert starting.ready()
+            starting.pool.submit(gc.collect).result()  # a collection in the child
+            record = next(iter_chat_records(str(_chats(tmp_path / "chats.jsonl", 2))))
+            (tokens,) = starting.pool.submit(ahead._tokenize_chunk, [record], 96).result()
+            assert tokens.input_ids.tolist() == ahead.tokenize_record(tokenizer, record, 96).input_ids.tolist()
+        finally:
+            starting.shutdown()
+    finally:
+        gc.enable()
+    assert log.read_text().split() == [str(os.getpid())]  # finalised once, here, before the fork
