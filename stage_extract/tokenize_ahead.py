@@ -33,7 +33,8 @@ import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +208,18 @@ class _BackgroundPool:
     def ready(self) -> bool:
         return self._up.is_set()
 
+    def submit(self, records: list[ChatRecord], max_length: int) -> Future | None:
+        """A chunk's tokens from a process, or None once a process has died (killed by the OOM
+        killer, say): from then on the pool is not :meth:`ready` and chunks are tokenised in the
+        extraction process, with the same result."""
+        try:
+            return self.pool.submit(_tokenize_chunk, records, max_length)
+        except BrokenProcessPool as err:
+            self._up.clear()
+            warnings.warn(f"a tokenizer process died ({err}); tokenising in the extraction process "
+                          "from here on (same cache, slower)", RuntimeWarning)
+            return None
+
     def shutdown(self) -> None:
         if self._thread is not None:
             self._thread.join()
@@ -231,7 +244,7 @@ def _tokenized_in_chunks(records, stats, tokenizer, wanted, max_length: int, wor
             if not todo:
                 in_flight.append((chunk, None))
             elif starting is not None and starting.ready():
-                in_flight.append((chunk, starting.pool.submit(_tokenize_chunk, todo, max_length)))
+                in_flight.append((chunk, starting.submit(todo, max_length) or _INLINE))
             else:
                 in_flight.append((chunk, _INLINE))
             chunk = []

@@ -57,7 +57,6 @@ class _PoolReadyAfterThreeChunks:
 
     def __init__(self, workers, tokenizer_source):
         import threading
-        from concurrent.futures import Future
 
         import stage_extract.tokenize_ahead as ahead
 
@@ -65,17 +64,17 @@ class _PoolReadyAfterThreeChunks:
 
         ahead._init_worker(tokenizer_source)
         self.ran: list[int] = []
-        outer = self
-
-        class Immediate:
-            def submit(self, function, records, max_length):
-                outer.ran.append(records[0].record_index)
-                future = Future()
-                future.set_result(function(records, max_length))
-                return future
-
-        self.pool = Immediate()
         _PoolReadyAfterThreeChunks.last = self
+
+    def submit(self, records, max_length):
+        from concurrent.futures import Future
+
+        import stage_extract.tokenize_ahead as ahead
+
+        self.ran.append(records[0].record_index)
+        future = Future()
+        future.set_result(ahead._tokenize_chunk(records, max_length))
+        return future
 
     def ready(self) -> bool:
         return len(_PoolReadyAfterThreeChunks.inline_chunks) >= 3
@@ -129,7 +128,7 @@ def test_background_pool_starts_processes_or_says_why_not(tokenizer, tmp_path, m
                 break
             time.sleep(0.1)
         assert starting.ready()
-        (tokens,) = starting.pool.submit(ahead._tokenize_chunk, [record], 96).result()
+        (tokens,) = starting.submit([record], 96).result()
         assert tokens.input_ids.tolist() == ahead.tokenize_record(tokenizer, record, 96).input_ids.tolist()
     finally:
         starting.shutdown()
@@ -253,10 +252,31 @@ def test_forked_tokenizer_processes_never_collect_the_parents_garbage(tokenizer,
             assert starting.ready()
             starting.pool.submit(gc.collect).result()  # a collection in the child
             record = next(iter_chat_records(str(_chats(tmp_path / "chats.jsonl", 2))))
-            (tokens,) = starting.pool.submit(ahead._tokenize_chunk, [record], 96).result()
+            (tokens,) = starting.submit([record], 96).result()
             assert tokens.input_ids.tolist() == ahead.tokenize_record(tokenizer, record, 96).input_ids.tolist()
         finally:
             starting.shutdown()
     finally:
         gc.enable()
     assert log.read_text().split() == [str(os.getpid())]  # finalised once, here, before the fork
+
+
+def _dies_from_record_30(records, max_length):
+    """A tokenizer process's task that kills its process from record 30 on (as the OOM killer would)."""
+    import stage_extract.tokenize_ahead as ahead
+
+    if records[0].record_index >= 30:
+        os._exit(1)
+    return list(ahead.tokenize_records(ahead._worker_tokenizer, records, max_length))
+
+
+def test_a_dead_tokenizer_process_leaves_the_rest_to_this_process(tokenizer, tmp_path, monkeypatch):
+    import stage_extract.tokenize_ahead as ahead
+
+    monkeypatch.setattr(ahead, "CHUNK_RECORDS", 10)
+    monkeypatch.setattr(ahead, "_start_method", lambda: "fork")
+    path = _chats(tmp_path / "chats.jsonl", 150)
+    inline = _run(path, tokenizer, 0, background=False)
+    monkeypatch.setattr(ahead, "_tokenize_chunk", _dies_from_record_30)
+    with pytest.warns(RuntimeWarning, match="a tokenizer process died"):
+        assert _run(path, tokenizer, 1) == inline
