@@ -25,8 +25,11 @@ happened (a tokenizer error names the record's source), after every record befor
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import multiprocessing
+import os
+import signal
 import sys
 import tempfile
 import threading
@@ -77,16 +80,44 @@ def tokenize_records(tokenizer: Any, records: list[ChatRecord], max_length: int)
 
 
 _worker_tokenizer: Any = None
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _init_worker(tokenizer: Any) -> None:
-    """``tokenizer``: a folder it was saved to (see :func:`_tokenized_in_chunks`), or the object."""
+def _init_worker(tokenizer: Any, parent: int | None = None) -> None:
+    """Set up a tokenizer process.  ``tokenizer``: the object (forked) or a folder it was saved to
+    (fork server).  Ctrl-C is left to the extraction, which shuts the processes down.
+
+    ``parent`` (the extraction's pid) marks a forked process, which holds the extraction's CUDA
+    handles, and so its GPU memory, for as long as it lives.  It dies with the extraction, even
+    with a SIGKILL (``PR_SET_PDEATHSIG``), first freezes every object it inherited so that its
+    collector never finalises one of the parent's (a CUDA graph finalised here calls CUDA, which
+    fails in a forked process; the parent paused its collector until the fork, see
+    :func:`_forking_safely`), and encodes on one thread (``TOKENIZERS_PARALLELISM=false``: the
+    tokenizer library would otherwise start a thread per core in each process, or run on one,
+    depending on whether the parent had used its threads before the fork)."""
     global _worker_tokenizer  # one tokenizer per pool process, loaded once
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent is not None:
+        gc.freeze()
+        gc.enable()
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        _die_with(parent)
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     _worker_tokenizer = tokenizer
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this process when the thread that forked it ends (Linux's
+    ``PR_SET_PDEATHSIG``; the pool is made on the consumer's thread, which outlives it)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux's libc: the process outlives a killed parent
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _worker_ready() -> bool:
@@ -149,20 +180,19 @@ def _process_context(method: str):
 
 @contextlib.contextmanager
 def _forking_safely():
-    """Around the forks of tokenizer processes.  The parent's garbage is collected first and its
-    objects frozen (``gc.freeze``) until the children exist, so that a child never collects an
-    object of the parent: a CUDA graph or tensor finalised in a forked child calls CUDA there,
-    which fails (on an H200 host a CUDA graph left over from an earlier run aborted a tokenizer
-    process).  Python 3.12+ also warns of any fork beside threads; these children never use
-    them.  (On the caller's thread only: ``catch_warnings`` swaps the process's filters.)"""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning)
+    """Around the forks of tokenizer processes: the parent's garbage is collected first and its
+    collector paused until the children exist, and each child freezes what it inherited before
+    it collects again (:func:`_init_worker`).  So a child never finalises an object of the
+    parent: a CUDA graph or tensor finalised in a forked process calls CUDA there, which fails
+    (on an H200 host a CUDA graph left over from an earlier run aborted a tokenizer process)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
         gc.collect()
-        gc.freeze()
-        try:
-            yield
-        finally:
-            gc.unfreeze()
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class _BackgroundPool:
@@ -194,16 +224,35 @@ class _BackgroundPool:
         self._thread.start()
 
     def _start(self, workers: int, tokenizer_source: Any, method: str) -> None:
+        forked = method == "fork"
         try:
-            with _forking_safely() if method == "fork" else contextlib.nullcontext():
+            with _forking_safely() if forked else contextlib.nullcontext():
                 self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=_process_context(method),
-                                                initializer=_init_worker, initargs=(tokenizer_source,))
+                                                initializer=_init_worker,
+                                                initargs=(tokenizer_source, os.getpid() if forked else None))
                 started = [self.pool.submit(_worker_ready) for _ in range(workers)]  # one process each
             started[0].result()
             self._up.set()
-        except Exception as err:  # noqa: BLE001 - no pool: the producer keeps tokenising inline
+        except BaseException as err:
+            self._abandon()
+            if not isinstance(err, Exception):
+                raise
+            # no pool: the producer keeps tokenising inline
             warnings.warn(f"tokenizer processes did not start ({type(err).__name__}: {err}); "
                           "tokenising in the extraction process instead (same cache, slower)", RuntimeWarning)
+
+    def _abandon(self) -> None:
+        """Kill the processes a failed start left (a fork that failed after others succeeded):
+        multiprocessing would wait for them when the extraction exits."""
+        if self.pool is None:
+            return
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())  # the executor's only handle on them
+        for process in processes:
+            process.kill()
+        for process in processes:
+            process.join(timeout=5)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = None
 
     def ready(self) -> bool:
         return self._up.is_set()

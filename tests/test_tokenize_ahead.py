@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -238,27 +239,137 @@ class _RecordsWhereFinalised:
 
 def test_forked_tokenizer_processes_never_collect_the_parents_garbage(tokenizer, tmp_path, monkeypatch):
     import gc
+    import types
 
     import stage_extract.tokenize_ahead as ahead
 
     monkeypatch.setattr(ahead, "_start_method", lambda: "fork")
     log = tmp_path / "finalised"
     log.write_text("")
-    gc.disable()  # the cycle stays uncollected until the fork, as a run's leftover graphs can
-    try:
+
+    def collect_then_leave_garbage():  # as another thread may, between the collection and the fork
+        collected = gc.collect()
         _RecordsWhereFinalised(log)
-        starting = ahead._BackgroundPool(1, tokenizer)
-        try:
-            assert starting.ready()
-            starting.pool.submit(gc.collect).result()  # a collection in the child
-            record = next(iter_chat_records(str(_chats(tmp_path / "chats.jsonl", 2))))
-            (tokens,) = starting.submit([record], 96).result()
-            assert tokens.input_ids.tolist() == ahead.tokenize_record(tokenizer, record, 96).input_ids.tolist()
-        finally:
-            starting.shutdown()
+        return collected
+
+    monkeypatch.setattr(ahead, "gc", types.SimpleNamespace(
+        collect=collect_then_leave_garbage, isenabled=gc.isenabled, disable=gc.disable, enable=gc.enable,
+        freeze=gc.freeze))
+    was_enabled = gc.isenabled()
+    starting = ahead._BackgroundPool(1, tokenizer)
+    try:
+        assert starting.ready()
+        assert gc.isenabled() == was_enabled  # the parent's collector is back as it was
+        starting.pool.submit(gc.collect).result()  # a collection in the child
+        record = next(iter_chat_records(str(_chats(tmp_path / "chats.jsonl", 2))))
+        (tokens,) = starting.submit([record], 96).result()
+        assert tokens.input_ids.tolist() == ahead.tokenize_record(tokenizer, record, 96).input_ids.tolist()
     finally:
-        gc.enable()
-    assert log.read_text().split() == [str(os.getpid())]  # finalised once, here, before the fork
+        starting.shutdown()
+    gc.collect()
+    assert log.read_text().split() == [str(os.getpid())]  # finalised here only, never in the child
+
+
+def _child_settings():
+    import signal
+
+    return signal.getsignal(signal.SIGINT) == signal.SIG_IGN, os.environ.get("TOKENIZERS_PARALLELISM"), os.getppid()
+
+
+def test_forked_tokenizer_processes_leave_ctrl_c_to_the_parent_and_encode_on_one_thread(tokenizer, monkeypatch):
+    import stage_extract.tokenize_ahead as ahead
+
+    monkeypatch.setattr(ahead, "_start_method", lambda: "fork")
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    starting = ahead._BackgroundPool(1, tokenizer)
+    try:
+        assert starting.pool.submit(_child_settings).result() == (True, "false", os.getpid())
+    finally:
+        starting.shutdown()
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == before  # set in the child only
+
+
+_KILLED_PARENT = """
+import sys, time
+from transformers import AutoTokenizer
+import stage_extract.tokenize_ahead as ahead
+ahead._start_method = lambda: "fork"
+pool = ahead._BackgroundPool(2, AutoTokenizer.from_pretrained(sys.argv[1]))
+print(" ".join(str(p.pid) for p in pool.pool._processes.values()), flush=True)
+time.sleep(120)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie no one reaped yet
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked tokenizer processes are Linux-only")
+def test_forked_tokenizer_processes_die_with_a_killed_extraction(smollm2_dir):
+    """They hold the extraction's CUDA handles: left alive, they would keep its GPU memory."""
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT, str(smollm2_dir)], cwd=root,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        children = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(children) == 2 and not any(_gone(pid) for pid in children)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while not all(_gone(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(pid) for pid in children)
+
+
+def test_a_failed_fork_leaves_no_process_behind(tokenizer, monkeypatch):
+    import multiprocessing
+
+    import stage_extract.tokenize_ahead as ahead
+
+    monkeypatch.setattr(ahead, "_start_method", lambda: "fork")
+    forks = []
+    real_fork = os.fork
+
+    def fork_once():  # the second fork fails, as it may for want of memory
+        forks.append(1)
+        if len(forks) == 2:
+            raise OSError(12, "Cannot allocate memory")
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork_once)
+    with pytest.warns(RuntimeWarning, match="tokenizer processes did not start"):
+        starting = ahead._BackgroundPool(2, tokenizer)
+    monkeypatch.setattr(os, "fork", real_fork)
+    starting.shutdown()
+    assert not starting.ready() and len(forks) == 2
+    assert multiprocessing.active_children() == []  # nothing left for the exit to wait on
+
+
+def test_closing_the_stream_early_ends_the_processes(tokenizer, tmp_path, monkeypatch):
+    import multiprocessing
+
+    import stage_extract.tokenize_ahead as ahead
+
+    monkeypatch.setattr(ahead, "CHUNK_RECORDS", 10)
+    monkeypatch.setattr(ahead, "_start_method", lambda: "fork")
+    path = _chats(tmp_path / "chats.jsonl", 150)
+    stats = RecordStats()
+    stream = tokenize_ahead(iter_chat_records(str(path), stats=stats), stats, tokenizer, max_length=96, workers=2,
+                            background=True)
+    first = [next(stream) for _ in range(25)]
+    assert multiprocessing.active_children()  # the processes run
+    stream.close()
+    assert [item.record.record_index for item in first] == list(range(25))
+    assert multiprocessing.active_children() == []
 
 
 def _dies_from_record_30(records, max_length):
