@@ -49,6 +49,7 @@ __all__ = ["TokenizedRecord", "tokenize_ahead", "tokenize_record", "tokenize_rec
 
 CHUNK_RECORDS = 64  # records per task sent to a tokenizer process
 QUEUE_RECORDS = 4096  # records tokenised ahead of the consumer, at most
+CHUNK_TIMEOUT_S = 120.0  # a chunk takes ~0.05 s; a process silent this long is taken for hung
 _INLINE = object()  # a chunk the producer thread tokenises itself (the pool was not up yet)
 
 
@@ -203,7 +204,9 @@ class _BackgroundPool:
     saved to (not a pickle of MBs: a process reads its start arguments only once it runs, and
     the writer of a pipe that size waits for it).  :meth:`ready` turns true once a process holds
     the tokenizer; a pool that fails to start stays not ready (everything is then tokenised
-    inline, with the same result).  ``tokenizer`` may also be a saved folder's path."""
+    inline, with the same result).  A process that dies, or leaves a chunk unanswered for
+    :data:`CHUNK_TIMEOUT_S`, ends the pool the same way (:meth:`give_up`: killed, with a
+    warning).  ``tokenizer`` may also be a saved folder's path."""
 
     def __init__(self, workers: int, tokenizer: Any):
         self.pool: ProcessPoolExecutor | None = None
@@ -264,10 +267,17 @@ class _BackgroundPool:
         try:
             return self.pool.submit(_tokenize_chunk, records, max_length)
         except BrokenProcessPool as err:
-            self._up.clear()
-            warnings.warn(f"a tokenizer process died ({err}); tokenising in the extraction process "
-                          "from here on (same cache, slower)", RuntimeWarning)
+            self.give_up(f"a tokenizer process died ({err})")
             return None
+
+    def give_up(self, reason: str) -> None:
+        """Stop using the processes (killed, if any still runs) and say why: later chunks are
+        tokenised in the extraction process, with the same result."""
+        self._up.clear()
+        if self.pool is None:  # given up already
+            return
+        self._abandon()
+        warnings.warn(f"{reason}; tokenising in the extraction process from here on (same cache, slower)", RuntimeWarning)
 
     def shutdown(self) -> None:
         if self._thread is not None:
@@ -306,8 +316,14 @@ def _tokenized_in_chunks(records, stats, tokenizer, wanted, max_length: int, wor
         try:
             if future is _INLINE:
                 tokens = here(items)
+            elif future is None:
+                tokens = iter(())
             else:
-                tokens = iter(future.result() if future is not None else ())
+                try:
+                    tokens = iter(future.result(timeout=CHUNK_TIMEOUT_S))
+                except TimeoutError:
+                    starting.give_up(f"a tokenizer process did not answer in {CHUNK_TIMEOUT_S:.0f} s")
+                    raise
         except Exception:
             # Redo the chunk here (record by record once it fails again): the records before the bad one are delivered
             # (their part may complete and be sealed, as inline) and the error comes at its record.

@@ -391,3 +391,29 @@ def test_a_dead_tokenizer_process_leaves_the_rest_to_this_process(tokenizer, tmp
     monkeypatch.setattr(ahead, "_tokenize_chunk", _dies_from_record_30)
     with pytest.warns(RuntimeWarning, match="a tokenizer process died"):
         assert _run(path, tokenizer, 1) == inline
+
+
+def _hangs_from_record_30(records, max_length):
+    """A tokenizer process's task that never returns from record 30 on (as a deadlock would)."""
+    import stage_extract.tokenize_ahead as ahead
+
+    if records[0].record_index >= 30:
+        time.sleep(3600)
+    return list(ahead.tokenize_records(ahead._worker_tokenizer, records, max_length))
+
+
+def test_a_hung_tokenizer_process_is_killed_and_the_rest_tokenised_here(tokenizer, tmp_path, monkeypatch):
+    import multiprocessing
+
+    import stage_extract.tokenize_ahead as ahead
+
+    monkeypatch.setattr(ahead, "CHUNK_RECORDS", 10)
+    monkeypatch.setattr(ahead, "CHUNK_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(ahead, "_start_method", lambda: "fork")
+    path = _chats(tmp_path / "chats.jsonl", 150)
+    inline = _run(path, tokenizer, 0, background=False)
+    monkeypatch.setattr(ahead, "_tokenize_chunk", _hangs_from_record_30)
+    with pytest.warns(RuntimeWarning, match="did not answer in 1 s") as warned:
+        assert _run(path, tokenizer, 2) == inline
+    assert len([w for w in warned if "tokenising in the extraction process" in str(w.message)]) == 1
+    assert multiprocessing.active_children() == []
