@@ -87,10 +87,10 @@ DEFAULT_TOKENIZER_PROCESSES = 2
 def tokenizer_processes(requested: int | None, device: torch.device, backend: str) -> int:
     """``--tokenizer-workers``: as given, else 2 processes for the hf backend on a GPU host with
     4+ cores per worker.  Tokenising in the extraction process holds its GIL about 1 s per
-    million tokens, which at SmolLM2's pace on an H200 made the part writers wait: the run
-    reached 0.59 of the features' rate with a tokenizer thread and 0.82 with 4 forked processes
-    (0.87 with everything tokenised beforehand); 2 processes tokenise ~2M tokens/s there, 4x
-    the target.  On CPU the main thread tokenises between forwards (the cores run the target);
+    million tokens, which at SmolLM2's pace on an H200 made the part writers wait: in one call
+    the run reached 0.57 of the features' rate with a tokenizer thread and 0.84 with 2 forked
+    processes (0.87 with everything tokenised beforehand, in another); 2 processes tokenise
+    ~1.8M tokens/s there, 4x the target.  On CPU the main thread tokenises between forwards (the cores run the target);
     the vllm backend keeps the thread (forking beside vLLM's engine is untested)."""
     if requested is not None:
         return requested
