@@ -48,10 +48,11 @@ for item in $suite; do
       step disk_speed python bench/disk_speed.py --gib 4 --threads 1,3 --write-mb 16.777216,0.75
       step writer_speed python bench/writer_speed.py --hidden 576 --vocab 49152 --tokens 2000000 --part-tokens 65536 \
         --batch-tokens 32768 --busy 0 --only-handoff ;;
-    io)  # what bounds SmolLM2's writing on this host (about 6 minutes): the disk at 1, 3 and 6 threads
+    io)  # what bounds SmolLM2's writing on this host (about 8 minutes): the disk at 1, 3 and 6 threads
       # (page cache, and with writeback started after every write), the part writer alone on the disk
       # and in memory (tmpfs), each with the cores its threads kept busy and the GIL probe; then the
-      # extraction with the same probes, on the disk and in memory.  Ninth session's answers (more
+      # extraction with the same probes, on the disk (also with a tokenizer thread, and pretokenised)
+      # and in memory.  Ninth session's answers (more
       # writer or sync threads, more parts in flight, raw aux planes, O_DIRECT: no help) are in
       # BENCHMARKS.md; disk_speed/writer_speed take those settings for a rerun.
       step io_disk python bench/disk_speed.py --gib 4 --threads 1,3,6 --write-modes buffered,streamed
@@ -65,6 +66,14 @@ for item in $suite; do
       # bf16/topk, then bf16/both (the final state too: ~1.4x the bytes per token, more than the disk takes)
       step io_extract env CUDA_VISIBLE_DEVICES=0 python bench/extract_speed.py --device cuda --skip-8b --tokens 4000000 \
         --settings bf16/topk,bf16/both --no-compare-padded --no-compare-eager --disk-gib 2 --thread-cpu
+      # the same without tokenizer processes (a thread tokenises beside the writers: the tenth session's
+      # baseline) and with nothing tokenising beside the run (the ceiling)
+      step io_extract_thread env CUDA_VISIBLE_DEVICES=0 python bench/extract_speed.py --device cuda --skip-8b \
+        --tokens 4000000 --settings bf16/topk --no-compare-padded --no-compare-eager --disk-gib 0 --thread-cpu \
+        --tokenizer-workers 0
+      step io_extract_pretokenized env CUDA_VISIBLE_DEVICES=0 python bench/extract_speed.py --device cuda --skip-8b \
+        --tokens 4000000 --settings bf16/topk --no-compare-padded --no-compare-eager --disk-gib 0 --thread-cpu \
+        --pretokenized
       # the same extraction into memory (tmpfs): what the pipeline reaches with no disk at all
       if [ -d /dev/shm ]; then
         step io_extract_tmpfs env TMPDIR=/dev/shm CUDA_VISIBLE_DEVICES=0 python bench/extract_speed.py --device cuda \
