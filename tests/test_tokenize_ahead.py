@@ -372,48 +372,35 @@ def test_closing_the_stream_early_ends_the_processes(tokenizer, tmp_path, monkey
     assert multiprocessing.active_children() == []
 
 
-def _dies_from_record_30(records, max_length):
-    """A tokenizer process's task that kills its process from record 30 on (as the OOM killer would)."""
+_MISBEHAVIOUR = {"how": "die"}  # set before the processes fork: they inherit it
+
+
+def _misbehaves_from_record_30(records, max_length):
+    """A tokenizer process's task that, from record 30 on, kills its process (``die``, as the OOM
+    killer would) or never returns (``hang``, as a deadlock would)."""
     import stage_extract.tokenize_ahead as ahead
 
     if records[0].record_index >= 30:
-        os._exit(1)
-    return list(ahead.tokenize_records(ahead._worker_tokenizer, records, max_length))
-
-
-def test_a_dead_tokenizer_process_leaves_the_rest_to_this_process(tokenizer, tmp_path, monkeypatch):
-    import stage_extract.tokenize_ahead as ahead
-
-    monkeypatch.setattr(ahead, "CHUNK_RECORDS", 10)
-    monkeypatch.setattr(ahead, "_start_method", lambda: "fork")
-    path = _chats(tmp_path / "chats.jsonl", 150)
-    inline = _run(path, tokenizer, 0, background=False)
-    monkeypatch.setattr(ahead, "_tokenize_chunk", _dies_from_record_30)
-    with pytest.warns(RuntimeWarning, match="a tokenizer process died"):
-        assert _run(path, tokenizer, 1) == inline
-
-
-def _hangs_from_record_30(records, max_length):
-    """A tokenizer process's task that never returns from record 30 on (as a deadlock would)."""
-    import stage_extract.tokenize_ahead as ahead
-
-    if records[0].record_index >= 30:
+        if _MISBEHAVIOUR["how"] == "die":
+            os._exit(1)
         time.sleep(3600)
     return list(ahead.tokenize_records(ahead._worker_tokenizer, records, max_length))
 
 
-def test_a_hung_tokenizer_process_is_killed_and_the_rest_tokenised_here(tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how, warning", [("die", "a tokenizer process died"), ("hang", "did not answer in 1 s")])
+def test_a_dead_or_hung_tokenizer_process_leaves_the_rest_to_this_process(tokenizer, tmp_path, monkeypatch, how, warning):
     import multiprocessing
 
     import stage_extract.tokenize_ahead as ahead
 
+    monkeypatch.setitem(_MISBEHAVIOUR, "how", how)
     monkeypatch.setattr(ahead, "CHUNK_RECORDS", 10)
     monkeypatch.setattr(ahead, "CHUNK_TIMEOUT_S", 1.0)
     monkeypatch.setattr(ahead, "_start_method", lambda: "fork")
     path = _chats(tmp_path / "chats.jsonl", 150)
     inline = _run(path, tokenizer, 0, background=False)
-    monkeypatch.setattr(ahead, "_tokenize_chunk", _hangs_from_record_30)
-    with pytest.warns(RuntimeWarning, match="did not answer in 1 s") as warned:
+    monkeypatch.setattr(ahead, "_tokenize_chunk", _misbehaves_from_record_30)
+    with pytest.warns(RuntimeWarning, match=warning) as warned:
         assert _run(path, tokenizer, 2) == inline
     assert len([w for w in warned if "tokenising in the extraction process" in str(w.message)]) == 1
-    assert multiprocessing.active_children() == []
+    assert multiprocessing.active_children() == []  # killed, nothing left for the exit to wait on
