@@ -365,7 +365,7 @@ def main() -> None:
     parser.add_argument("--tokenizer-workers", type=int, default=None,
                         help="talon extract --tokenizer-workers (default: the run path's, 2 processes on a GPU)")
     parser.add_argument("--tokenizer-start", default=None, choices=("fork", "forkserver", "spawn"),
-                        help="how tokenizer processes start (default: the run path's fork server)")
+                        help="how tokenizer processes start (default: the run path's: fork on Linux, else the fork server)")
     parser.add_argument("--pretokenized", action="store_true",
                         help="tokenise the run's records before it starts and replay them to it: the extraction with "
                              "no tokenising beside it (the tokenizer feeder's share of the run)")

@@ -62,7 +62,7 @@ def main() -> None:
                         help="comma-separated: inline, thread, or a number of tokenizer processes")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--tokenizer-start", default=None, choices=("fork", "forkserver", "spawn"),
-                        help="how tokenizer processes start (default: the run path's fork server)")
+                        help="how tokenizer processes start (default: the run path's: fork on Linux, else the fork server)")
     args = parser.parse_args()
     use_tokenizer_start_method(args.tokenizer_start)
     import os
